@@ -1,0 +1,28 @@
+"""The registered GPU benchmarks: ``python -m mlsys24.bench <name>`` runs one.
+
+Each entry maps a name (the paper's slug, as in ``data/results/<slug>/``) to ``"module:function"``
+and a line of help. The function takes the parsed CLI arguments (``.quick``, ``.out``, ``.extra``)
+and returns the path of the results file it wrote. Modules are imported only when run, so listing
+the benchmarks costs nothing and a benchmark's optional imports never break the others.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+
+__all__ = ["BENCHMARKS", "resolve"]
+
+BENCHMARKS: dict[str, tuple[str, str]] = {
+    "anchors": ("mlsys24.bench.anchors:run",
+                "harness check: HBM copy, cuBLAS fp16 GEMV/GEMM, SDPA decode vs the shared H100 anchors"),
+}
+
+
+def resolve(name: str) -> Callable:
+    """The benchmark function registered under ``name`` (KeyError naming the known ones)."""
+    if name not in BENCHMARKS:
+        raise KeyError(f"unknown benchmark {name!r}; registered: {', '.join(sorted(BENCHMARKS))}")
+    target = BENCHMARKS[name][0]
+    mod_name, fn_name = target.split(":")
+    return getattr(importlib.import_module(mod_name), fn_name)

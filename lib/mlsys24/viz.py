@@ -1,0 +1,131 @@
+"""Plotting helpers shared by every notebook (plotly).
+
+One template (``plotly_white`` with the workbench's fonts), one colour per method across all
+notebooks, "paper" vs "ours" overlays (paper hatched, ours solid), and :func:`save`, which writes
+``figures/<paper>/<name>.html`` (plotly.js from the CDN, a fixed div id, so the file only changes
+when the figure does) plus ``.png`` when a Chrome/Chromium is present for kaleido.
+
+Only notebooks and figure scripts import this module: the library itself never imports plotly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+
+import plotly.graph_objects as go
+import plotly.io as pio
+
+from .paths import figures_dir
+
+__all__ = ["COLORS", "color", "apply_template", "paper_vs_ours", "caption", "save", "chromium_path",
+           "TEMPLATE"]
+
+# One colour per method, the same in every notebook. Baselines are greys/blues, ours warm.
+COLORS: dict[str, str] = {
+    "paper": "#7f7f7f",
+    "ours": "#d62728",
+    "reference": "#9467bd",
+    "torch": "#1f77b4", "cublas": "#1f77b4", "sdpa": "#1f77b4", "dense": "#1f77b4", "fp16": "#1f77b4",
+    "loop": "#8c564b", "gather_bmm": "#17becf", "bgmv": "#bcbd22", "sgmv": "#d62728",
+    "rtn": "#8c564b", "awq": "#d62728", "gptq": "#ff7f0e", "atom": "#d62728",
+    "full": "#1f77b4", "window": "#8c564b", "streamingllm": "#17becf", "h2o": "#ff7f0e", "keyformer": "#d62728",
+    "sync": "#ff7f0e", "async": "#d62728", "flashdecoding": "#ff7f0e", "flashdecoding++": "#d62728",
+    "uncompressed": "#1f77b4", "uniform": "#ff7f0e", "lgreco": "#d62728",
+    "loop_sampler": "#8c564b", "matrix": "#d62728", "pyg": "#1f77b4",
+    "simulated": "#ff7f0e", "measured": "#1f77b4",
+}
+_PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
+            "#bcbd22", "#17becf"]
+
+
+def color(method: str) -> str:
+    """The colour of a method: from the shared table, else a stable pick from the palette."""
+    key = method.lower().strip()
+    if key in COLORS:
+        return COLORS[key]
+    h = int(hashlib.sha1(key.encode()).hexdigest(), 16)
+    return _PALETTE[h % len(_PALETTE)]
+
+
+TEMPLATE = go.layout.Template(pio.templates["plotly_white"])
+TEMPLATE.layout.font = dict(family="Inter, Helvetica, Arial, sans-serif", size=13)
+TEMPLATE.layout.title = dict(x=0.02, xanchor="left")
+TEMPLATE.layout.legend = dict(orientation="h", yanchor="bottom", y=1.02, xanchor="right", x=1)
+TEMPLATE.layout.margin = dict(l=70, r=30, t=80, b=70)
+pio.templates["mlsys24"] = TEMPLATE
+
+
+def apply_template(fig: go.Figure, *, title: str | None = None, x: str | None = None, y: str | None = None,
+                   height: int = 420, width: int | None = 760) -> go.Figure:
+    """Apply the workbench template and (optionally) the title and axis titles (with units)."""
+    fig.update_layout(template="mlsys24", height=height, width=width)
+    if title is not None:
+        fig.update_layout(title=title)
+    if x is not None:
+        fig.update_xaxes(title_text=x)
+    if y is not None:
+        fig.update_yaxes(title_text=y)
+    return fig
+
+
+def paper_vs_ours(categories: Sequence[str], ours: Sequence[float | None], paper: Sequence[float | None], *,
+                  title: str, y: str, x: str = "", ours_label: str = "ours", paper_label: str = "paper",
+                  text_fmt: str = ".2f") -> go.Figure:
+    """Grouped bars: the paper's numbers (hatched grey) beside ours (solid) for each category."""
+    fig = go.Figure()
+    fig.add_bar(name=paper_label, x=list(categories), y=list(paper), marker_color=color("paper"),
+                marker_pattern_shape="/", texttemplate=f"%{{y:{text_fmt}}}", textposition="outside")
+    fig.add_bar(name=ours_label, x=list(categories), y=list(ours), marker_color=color("ours"),
+                texttemplate=f"%{{y:{text_fmt}}}", textposition="outside")
+    fig.update_layout(barmode="group")
+    return apply_template(fig, title=title, x=x, y=y)
+
+
+def caption(fig: go.Figure, text: str) -> go.Figure:
+    """Put a caption (scale-downs, provenance) under the plot area."""
+    fig.add_annotation(text=text, xref="paper", yref="paper", x=0, y=-0.22, xanchor="left", yanchor="top",
+                       showarrow=False, font=dict(size=10, color="#555"), align="left")
+    b = fig.layout.margin.b if fig.layout.margin and fig.layout.margin.b else 70
+    fig.update_layout(margin=dict(b=max(b, 110)))
+    return fig
+
+
+def chromium_path() -> str | None:
+    """A Chrome/Chromium executable for kaleido 1.x, or None."""
+    for cand in (os.environ.get("BROWSER_PATH"), shutil.which("chromium"), shutil.which("chromium-browser"),
+                 shutil.which("google-chrome"), "/usr/bin/chromium"):
+        if cand and Path(cand).exists():
+            return cand
+    return None
+
+
+def save(fig: go.Figure, paper: str, name: str, *, png: bool | None = None, scale: float = 2.0) -> list[Path]:
+    """Write ``figures/<paper>/<name>.html`` (and ``.png`` when Chromium is available).
+
+    png: None = when a browser exists; True = required (raises if it cannot be written);
+    False = HTML only. Returns the paths written.
+    """
+    if not name or "/" in name:
+        raise ValueError(f"save: name must be a plain file stem, got {name!r}")
+    d = figures_dir(paper)
+    d.mkdir(parents=True, exist_ok=True)
+    html = d / f"{name}.html"
+    fig.write_html(html, include_plotlyjs="cdn", full_html=True, div_id=f"{paper}-{name}",
+                   config={"displaylogo": False})
+    written = [html]
+    browser = chromium_path()
+    if png is None:
+        png = browser is not None or os.environ.get("MLSYS24_REQUIRE_PNG") == "1"
+    if png:
+        if browser is None:
+            raise RuntimeError("save(png=True): no Chrome/Chromium found for kaleido (apt-get install chromium)")
+        os.environ.setdefault("BROWSER_PATH", browser)
+        out = d / f"{name}.png"
+        fig.write_image(out, format="png", scale=scale, width=fig.layout.width or 760,
+                        height=fig.layout.height or 420)
+        written.append(out)
+    return written
