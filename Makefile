@@ -21,6 +21,7 @@ export TRITON_INTERPRET := 1
 endif
 export PYTHONHASHSEED := 0
 export MPLBACKEND := Agg
+# Batch runs (tests, papermill) print no progress bars; see mlsys24.progress.
 
 .PHONY: setup lab test test-lib test-notebooks test-browser lint reproduce figures bench clean help
 
@@ -49,7 +50,7 @@ test-lib: setup
 
 # One notebook at a time: notebooks assert CPU timing ratios, two kernels on 2 cores would be flaky.
 test-notebooks: setup
-	MLSYS24_FIGURES_DIR=runs/test-figures $(VPY) -m pytest -q -p no:xdist --nbval-lax \
+	MLSYS24_BATCH=1 MLSYS24_FIGURES_DIR=runs/test-figures $(VPY) -m pytest -q -p no:xdist --nbval-lax \
 	    --nbval-cell-timeout=600 --nbval-kernel-name=python3 notebooks/[0-9][0-9]_*.ipynb
 
 test-browser: setup
@@ -58,10 +59,10 @@ test-browser: setup
 test: lint test-lib test-notebooks
 
 reproduce: setup
-	$(VPY) -m mlsys24.reproduce $(if $(PAPER),--paper $(PAPER)) $(if $(PARAMS),--params $(PARAMS))
+	MLSYS24_BATCH=1 $(VPY) -m mlsys24.reproduce $(if $(PAPER),--paper $(PAPER)) $(if $(PARAMS),--params $(PARAMS))
 
 figures: setup
-	$(VPY) -m mlsys24.reproduce --figures $(if $(PAPER),--paper $(PAPER)) $(if $(PARAMS),--params $(PARAMS))
+	MLSYS24_BATCH=1 $(VPY) -m mlsys24.reproduce --figures $(if $(PAPER),--paper $(PAPER)) $(if $(PARAMS),--params $(PARAMS))
 
 # GPU benchmarks: plain CLIs that need only torch, triton, numpy (and safetensors).
 bench:

@@ -36,3 +36,15 @@ def test_missing_parameter_and_bad_spec():
         validate({}, N=Int(1))
     with pytest.raises(TypeError):
         validate({"N": 1}, N=int)
+
+
+def test_progress_is_quiet_in_batch(monkeypatch):
+    from mlsys24.progress import batch_mode, progress
+
+    monkeypatch.setenv("MLSYS24_BATCH", "1")
+    xs = [1, 2, 3]
+    assert batch_mode() and progress(xs) is xs
+    monkeypatch.delenv("MLSYS24_BATCH")
+    monkeypatch.delenv("CI", raising=False)
+    bar = progress(xs, desc="x")
+    assert list(bar) == xs and bar is not xs

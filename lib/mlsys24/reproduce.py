@@ -109,8 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
     env.setdefault("PYTHONHASHSEED", "0")
-    if args.figures:
-        env["MLSYS24_REQUIRE_PNG"] = "1"
+    env["MLSYS24_PNG"] = "require" if args.figures else env.get("MLSYS24_PNG", "auto")
     try:
         import torch
         if not torch.cuda.is_available():

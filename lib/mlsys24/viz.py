@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -103,12 +104,27 @@ def chromium_path() -> str | None:
     return None
 
 
-def save(fig: go.Figure, paper: str, name: str, *, png: bool | None = None, scale: float = 2.0) -> list[Path]:
-    """Write ``figures/<paper>/<name>.html`` (and ``.png`` when Chromium is available).
+_KALEIDO_SERVER = False
 
-    png: None = when a browser exists; True = required (raises if it cannot be written);
-    False = HTML only. Returns the paths written.
+
+def _png_wanted(png: bool | None, browser: str | None) -> bool:
+    if png is not None:
+        return png
+    mode = os.environ.get("MLSYS24_PNG", "0").lower()
+    if mode == "require":
+        return True
+    return mode in ("1", "auto") and browser is not None
+
+
+def save(fig: go.Figure, paper: str, name: str, *, png: bool | None = None, scale: float = 2.0) -> list[Path]:
+    """Write ``figures/<paper>/<name>.html`` and, when asked, ``.png``.
+
+    png: True = required (raises without Chromium); False = HTML only; None (default) = decided by
+    the environment variable ``MLSYS24_PNG``: ``require`` (``make figures``), ``auto`` (``make
+    reproduce``: when Chromium exists), unset/0 (interactive use and the test suite: HTML only,
+    since each PNG costs a headless-browser render). Returns the paths written.
     """
+    global _KALEIDO_SERVER
     if not name or "/" in name:
         raise ValueError(f"save: name must be a plain file stem, got {name!r}")
     d = figures_dir(paper)
@@ -118,14 +134,22 @@ def save(fig: go.Figure, paper: str, name: str, *, png: bool | None = None, scal
                    config={"displaylogo": False})
     written = [html]
     browser = chromium_path()
-    if png is None:
-        png = browser is not None or os.environ.get("MLSYS24_REQUIRE_PNG") == "1"
-    if png:
+    if _png_wanted(png, browser):
         if browser is None:
-            raise RuntimeError("save(png=True): no Chrome/Chromium found for kaleido (apt-get install chromium)")
+            raise RuntimeError("save: PNG export needs Chrome/Chromium for kaleido (apt-get install chromium)")
         os.environ.setdefault("BROWSER_PATH", browser)
+        if not _KALEIDO_SERVER:  # one browser for every PNG of this process
+            try:
+                import kaleido
+
+                kaleido.start_sync_server(silence_warnings=True)
+                _KALEIDO_SERVER = True
+            except Exception:
+                pass
         out = d / f"{name}.png"
-        fig.write_image(out, format="png", scale=scale, width=fig.layout.width or 760,
-                        height=fig.layout.height or 420)
+        with warnings.catch_warnings():  # plotly passes browser options the shared server ignores
+            warnings.filterwarnings("ignore", message="The kopts argument is ignored")
+            fig.write_image(out, format="png", scale=scale, width=fig.layout.width or 760,
+                            height=fig.layout.height or 420)
         written.append(out)
     return written
