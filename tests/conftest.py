@@ -13,6 +13,7 @@ except ImportError:  # pragma: no cover
 if not _HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("PYTHONHASHSEED", "0")
+os.environ.setdefault("MLSYS24_BATCH", "1")  # no progress bars in test output
 
 
 def pytest_collection_modifyitems(config, items):
@@ -29,4 +30,5 @@ def _seed():
     import torch
 
     torch.manual_seed(0)
+    torch.set_num_threads(1)  # small tensors; and xdist runs one worker per core
     yield

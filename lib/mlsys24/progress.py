@@ -14,7 +14,7 @@ from typing import TypeVar
 
 T = TypeVar("T")
 
-__all__ = ["progress", "batch_mode"]
+__all__ = ["progress", "progress_bar", "batch_mode"]
 
 
 def batch_mode() -> bool:
@@ -32,3 +32,22 @@ def progress(iterable: Iterable[T], *, desc: str | None = None, total: int | Non
     from tqdm.auto import tqdm
 
     return tqdm(iterable, desc=desc, total=total, leave=False)
+
+
+class _NoBar:
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def progress_bar(total: int, *, desc: str | None = None, enabled: bool | None = None):
+    """A manual bar (``.update(n)``, ``.close()``), silent when disabled or in batch mode."""
+    if enabled is None:
+        enabled = not batch_mode()
+    if not enabled:
+        return _NoBar()
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, leave=False)
