@@ -234,3 +234,20 @@ def test_scheduler_alone_with_counting_ledger():
         steps += 1
         assert steps < 1000
     assert ledger.n_free() == 50
+
+
+@pytest.mark.parametrize("bucket", [8, 64])
+def test_static_decode_view_matches_general_path(bucket):
+    """The decode fast path (the CUDA-graph view, run eagerly on CPU) gives the general path's logits."""
+    model = shared_model()
+    reqs = workload(7, seed=11)
+    ref = {s.rid: s for s in Engine(model, "orca", n_blocks=64, block_size=4, record_logits=True).run(reqs)}
+    eng = Engine(model, "orca", n_blocks=64, block_size=4, record_logits=True, decode_graphs=True,
+                 context_bucket=bucket)
+    got = eng.run(workload(7, seed=11))
+    eng.check_invariants()
+    assert eng.cache.allocator.n_free == 64
+    assert eng.decode_graphs.calls > 5, "the fast path was not exercised"
+    for s in got:
+        torch.testing.assert_close(torch.stack(s.logits), torch.stack(ref[s.rid].logits), atol=1e-4, rtol=1e-4)
+        assert s.output == ref[s.rid].output

@@ -16,6 +16,8 @@ __all__ = ["BENCHMARKS", "resolve"]
 BENCHMARKS: dict[str, tuple[str, str]] = {
     "anchors": ("mlsys24.bench.anchors:run",
                 "harness check: HBM copy, cuBLAS fp16 GEMV/GEMM, SDPA decode vs the shared H100 anchors"),
+    "serving": ("mlsys24.serving.bench:run",
+                "serving engine: Llama-2-7B-shaped decode throughput at batch 1/8/32/64, eager vs CUDA graphs"),
 }
 
 

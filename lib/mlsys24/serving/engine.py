@@ -19,7 +19,7 @@ from collections.abc import Iterable
 
 import torch
 
-from ..models.kv_cache import PagedKVCache
+from ..models.kv_cache import BlockAllocator, PagedKVCache
 from .kv_policy import KVPolicy
 from .lora import LoRAContext
 from .metrics import StepRecord
@@ -40,7 +40,7 @@ class PoolLedger:
         return self.cache.allocator.n_free
 
     def n_total(self) -> int:
-        return self.cache.n_blocks
+        return self.cache.allocator.n_blocks
 
     def held(self, seq: Sequence) -> int:
         return len(self.cache.blocks.get(seq.rid, ()))
@@ -53,25 +53,36 @@ class Engine:
     input_lens, return_hidden)``, ``lm_head``). n_blocks/block_size: the KV pool. lora: the context
     returned by :func:`~.lora.attach_lora` (None: no adapters). kv_policy: eviction / reuse hooks.
     record_logits: keep each sampled token's logits on the sequence (tests, accuracy studies).
+    decode_graphs: run pure-decode steps through :class:`~.graph.DecodeGraphs` (CUDA graphs on GPU,
+    the same static view eagerly on CPU); steps with prefill tokens, adapters or a KV policy that
+    needs attention scores always take the general path.
     """
 
     def __init__(self, model, scheduler: Scheduler | SchedulerConfig | str = "orca", *, n_blocks: int,
                  block_size: int = 16, lora: LoRAContext | None = None, kv_policy: KVPolicy | None = None,
-                 record_logits: bool = False, max_model_len: int | None = None, kv_dtype: torch.dtype | None = None):
+                 record_logits: bool = False, max_model_len: int | None = None, kv_dtype: torch.dtype | None = None,
+                 decode_graphs: bool = False, context_bucket: int = 256):
         if n_blocks < 1 or block_size < 1:
             raise ValueError(f"n_blocks and block_size must be >= 1 (got {n_blocks}, {block_size})")
         self.model = model.eval()
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
-        self.cache = PagedKVCache.for_model(model.cfg, n_blocks, block_size, dtype=kv_dtype or p.dtype,
-                                            device=p.device)
+        cfg = model.cfg
+        # One block past the allocator's is the scratch block that padding rows of a decode graph write to.
+        self.cache = PagedKVCache(cfg.n_layers, n_blocks + 1, block_size, cfg.n_kv_heads, cfg.head_dim_,
+                                  dtype=kv_dtype or p.dtype, device=p.device, allocator=BlockAllocator(n_blocks))
+        self.decode_graphs = None
+        if decode_graphs:
+            from .graph import DecodeGraphs
+
+            self.decode_graphs = DecodeGraphs(model, self.cache, scratch_slot=n_blocks * block_size,
+                                              context_bucket=context_bucket)
         self.ledger = PoolLedger(self.cache)
         self.scheduler = scheduler if isinstance(scheduler, Scheduler) else Scheduler(scheduler)
         self.lora = lora
         self.kv_policy = kv_policy or KVPolicy()
         self.record_logits = record_logits
         self.max_model_len = max_model_len
-        cfg = model.cfg
         self.kv_bytes_per_token = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim_ * self.cache.k_pool.element_size()
         self.swap_store: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         self.swap_bytes = 0
@@ -140,7 +151,7 @@ class Engine:
         if rows:
             self._forward(rows)
         t_end = self.now()
-        used = self.cache.n_blocks - self.cache.allocator.n_free
+        used = self.cache.allocator.n_blocks - self.cache.allocator.n_free
         rec = StepRecord(
             step=len(self.steps), start_s=t_start, duration_s=t_end - t_start, rows=len(rows),
             prefill_tokens=sum(n for s, n in rows if n > 1 or s.num_computed <= s.prompt_len),
@@ -152,7 +163,19 @@ class Engine:
         self.steps.append(rec)
         return rec
 
+    def _fast_decode_ok(self, rows) -> bool:
+        return (self.decode_graphs is not None and (self.lora is None or not self.lora.active_for(rows))
+                and type(self.kv_policy) is KVPolicy and all(n == 1 and s.pending == 1 for s, n in rows))
+
     def _forward(self, rows: list[tuple[Sequence, int]]) -> None:
+        dev = self.device
+        if self._fast_decode_ok(rows):
+            logits = self.decode_graphs.run([s.rid for s, _ in rows], [s.token(s.num_computed) for s, _ in rows],
+                                            [s.position(s.num_computed) for s, _ in rows]).float()
+            for s, n in rows:
+                s.num_computed += n
+            self._emit(rows, list(range(len(rows))), logits)
+            return
         B, T = len(rows), max(n for _, n in rows)
         ids = torch.zeros(B, T, dtype=torch.long)
         pos = torch.zeros(B, T, dtype=torch.long)
@@ -163,7 +186,6 @@ class Engine:
             pos[b, :n] = torch.tensor([s.position(i) for i in range(start, start + n)])
             adapters[b, :n] = s.request.adapter_id
         lens = torch.tensor([n for _, n in rows], dtype=torch.long)
-        dev = self.device
         if self.lora is not None:
             self.lora.set_adapter_ids(adapters.to(dev))
         self.cache.set_batch([s.rid for s, _ in rows])
@@ -176,18 +198,22 @@ class Engine:
             idx = torch.tensor(sample_rows, device=dev)
             last = (lens.to(dev)[idx] - 1)
             logits = self.model.lm_head(hidden[idx, last]).float()  # [R, V]
-            tokens = self._sample(logits, [rows[b][0] for b in sample_rows])
-            self._sync()
-            t = self.now()
-            for j, b in enumerate(sample_rows):
-                s = rows[b][0]
-                s.output.append(tokens[j])
-                s.token_times_s.append(t)
-                if self.record_logits:
-                    s.logits.append(logits[j].cpu())
-                if s.finished:
-                    self._retire(s, t)
+            self._emit(rows, sample_rows, logits)
         self.kv_policy.after_step(self, rows)
+
+    def _emit(self, rows, sample_rows: list[int], logits: torch.Tensor) -> None:
+        """Sample one token for each row in ``sample_rows`` (logits ``[len(sample_rows), V]``)."""
+        tokens = self._sample(logits, [rows[b][0] for b in sample_rows])
+        self._sync()
+        t = self.now()
+        for j, b in enumerate(sample_rows):
+            s = rows[b][0]
+            s.output.append(tokens[j])
+            s.token_times_s.append(t)
+            if self.record_logits:
+                s.logits.append(logits[j].cpu())
+            if s.finished:
+                self._retire(s, t)
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
         out = logits.argmax(dim=-1).tolist()
@@ -251,7 +277,7 @@ class Engine:
                 where[s.rid] = name
         assert set(where) == set(self.sequences), f"lost requests: {set(self.sequences) - set(where)}"
         alloc = self.cache.allocator
-        refs = [0] * self.cache.n_blocks
+        refs = [0] * alloc.n_blocks
         for blocks in self.cache.blocks.values():
             for b in blocks:
                 refs[b] += 1

@@ -114,6 +114,10 @@ class LoRAContext:
         self.ids: torch.Tensor | None = None  # flat [N] for the current forward
         self.active = False
 
+    def active_for(self, rows) -> bool:
+        """Whether any ``(sequence, n)`` row of a step uses an adapter."""
+        return any(s.request.adapter_id >= 0 for s, _ in rows)
+
     def set_adapter_ids(self, ids: torch.Tensor | None) -> None:
         """``ids [B, T]`` (or flat); None or all -1 disables the LoRA path for this forward."""
         if ids is None:

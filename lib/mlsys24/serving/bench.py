@@ -1,0 +1,117 @@
+"""GPU benchmark of the serving engine: decode throughput of a Llama-2-7B-shaped model.
+
+``python -m mlsys24.bench serving [--quick]`` builds a Llama with Llama-2-7B's shapes (d 4096, 32
+layers, 32 heads, FFN 11008, vocab 32000) and random fp16 weights directly on the GPU, serves B
+requests (prompt 128 random tokens, 64 new tokens each) through :class:`~.engine.Engine`, and
+reports the median decode-step time and tokens/s at batch 1/8/32/64, with and without the CUDA-graph
+decode path. At batch 1 the step must read every weight once: weight bytes / step time is the
+achieved bandwidth, compared with a device-to-device copy measured in the same run (the practical
+HBM ceiling) and with the datasheet peak. cuBLAS GEMV bandwidth at the model's projection shapes is
+measured too, as the bound a model built from these matmuls can approach.
+"""
+
+from __future__ import annotations
+
+import statistics
+
+import torch
+
+from ..bench import device_peaks, measure, roofline, save_results
+from ..models import Llama, LlamaConfig
+from .engine import Engine
+from .request import Request
+
+LLAMA2_7B = LlamaConfig(vocab_size=32000, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=32, ffn_dim=11008,
+                        max_seq_len=4096)
+
+
+def build_random_llama(cfg: LlamaConfig, device: str = "cuda", dtype=torch.float16, seed: int = 0) -> Llama:
+    """A Llama of ``cfg`` with random weights, created on ``device`` without a host copy."""
+    with torch.device("meta"):
+        model = Llama(cfg)
+    model = model.to_empty(device=device).to(dtype)
+    g = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, 0.02, generator=g)
+        for m in model.modules():
+            if hasattr(m, "inv_freq"):
+                from ..models.llama import rope_inv_freq
+
+                m.inv_freq = rope_inv_freq(cfg.head_dim_, cfg.rope_theta, cfg.rope_scaling).to(device)
+    return model.eval()
+
+
+def _decode_run(model, batch: int, prompt_len: int, new_tokens: int, graphs: bool, seed: int) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    reqs = [Request(i, torch.randint(0, model.cfg.vocab_size, (prompt_len,), generator=g).tolist(), new_tokens)
+            for i in range(batch)]
+    bs = 16
+    n_blocks = batch * (-(-(prompt_len + new_tokens) // bs)) + 4
+    eng = Engine(model, "orca", n_blocks=n_blocks, block_size=bs, decode_graphs=graphs,
+                 context_bucket=256)
+    eng.run(reqs)
+    eng.check_invariants()
+    dec = [r.duration_s for r in eng.steps if r.prefill_tokens == 0 and r.decode_rows == batch]
+    dec = dec[3:]  # the first decode steps capture graphs / warm caches
+    med = statistics.median(dec)
+    return {"batch": batch, "graphs": graphs, "decode_steps": len(dec), "step_median_ms": med * 1e3,
+            "step_p90_ms": sorted(dec)[int(0.9 * (len(dec) - 1))] * 1e3, "tokens_per_s": batch / med,
+            "context": prompt_len + new_tokens}
+
+
+def run(args) -> str:
+    if not torch.cuda.is_available():
+        raise SystemExit("serving benchmark needs a CUDA GPU (the CPU path is covered by tests/serving)")
+    quick = bool(getattr(args, "quick", False))
+    dev = torch.device("cuda")
+    torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = True
+    records: list[dict] = []
+
+    # The practical HBM ceiling on this GPU, measured now.
+    n = 1 << 30
+    src = torch.empty(n, dtype=torch.uint8, device=dev).random_(0, 255)
+    dst = torch.empty_like(src)
+    t = measure(lambda: dst.copy_(src), repeats=50)
+    copy_GBps = 2 * n / t.median_s / 1e9
+    records.append({"kind": "copy", "GBps": copy_GBps, "median_us": t.median_us})
+
+    # cuBLAS GEMV at the model's shapes (x[1,K] @ W^T with W [N,K]) — the matmul bound.
+    for (N, K) in [(4096, 4096), (11008, 4096), (4096, 11008), (32000, 4096)]:
+        w = torch.randn(N, K, device=dev, dtype=torch.float16)
+        x = torch.randn(1, K, device=dev, dtype=torch.float16)
+        t = measure(lambda: torch.nn.functional.linear(x, w), repeats=100)
+        records.append({"kind": "gemv", "N": N, "K": K, "median_us": t.median_us,
+                        **roofline(t.median_s, bytes=w.nbytes + x.nbytes + 2 * N, flops=2 * N * K)})
+
+    cfg = LLAMA2_7B
+    model = build_random_llama(cfg, "cuda")
+    weight_bytes = sum(p.nbytes for p in model.parameters())
+    embed_bytes = model.embed_tokens.weight.nbytes  # one row is read per token, not the table
+    read_bytes = weight_bytes - embed_bytes
+    prompt_len, new_tokens = (128, 32) if quick else (128, 64)
+    batches = (1, 8) if quick else (1, 8, 32, 64)
+    for graphs in (False, True):
+        for b in batches:
+            r = _decode_run(model, b, prompt_len, new_tokens, graphs, seed=b)
+            kv_bytes = b * r["context"] * cfg.kv_bytes_per_token(2) // 2  # mean context ~ half-way
+            r.update(roofline(r["step_median_ms"] * 1e-3, bytes=read_bytes + kv_bytes, flops=2 * b * read_bytes / 2))
+            r["pct_of_copy_bw"] = 100 * r["GBps"] / copy_GBps
+            r["kind"] = "decode"
+            records.append(r)
+            print(f"decode batch {b:3d} graphs={graphs!s:5}: {r['step_median_ms']:.2f} ms/step, "
+                  f"{r['tokens_per_s']:.0f} tok/s, {r['GBps']:.0f} GB/s ({r['pct_of_copy_bw']:.0f}% of copy)",
+                  flush=True)
+    b1 = max((r for r in records if r["kind"] == "decode" and r["batch"] == 1), key=lambda r: r["GBps"])
+    headline = {"name": "batch-1 decode bandwidth, Llama-2-7B shapes", "ours": b1["pct_of_copy_bw"],
+                "unit": "% of measured copy bandwidth", "paper": 60.0,
+                "paper_source": "target of the serving issue (no paper number)",
+                "graphs": b1["graphs"]}
+    cfg_out = {"quick": quick, "model": "Llama-2-7B shapes, random fp16 weights", "weight_bytes": weight_bytes,
+               "weight_bytes_read_per_step": read_bytes, "prompt_len": prompt_len, "new_tokens": new_tokens,
+               "block_size": 16, "scheduler": "orca", "copy_GBps": copy_GBps,
+               "datasheet_GBps": device_peaks().hbm_GBps}
+    return save_results("serving", records, headline=headline, config=cfg_out, out_dir=getattr(args, "out", None))
