@@ -9,6 +9,7 @@ import re
 import shlex
 import subprocess
 import sys
+from pathlib import Path
 
 import torch
 
@@ -40,6 +41,14 @@ def device_slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "_", s).strip("_") or "unknown"
 
 
+def _command_line() -> str:
+    """The command as typed (``python3 -m mlsys24.bench serving``), not the resolved script path."""
+    argv = list(getattr(sys, "orig_argv", sys.argv))
+    if argv and argv[0].endswith(("python", "python3")) or (argv and "python" in Path(argv[0]).name):
+        argv[0] = Path(argv[0]).name
+    return " ".join(shlex.quote(a) for a in argv)
+
+
 def _git_rev() -> str | None:
     from ..paths import REPO_ROOT
     try:
@@ -68,7 +77,7 @@ def environment(device: str | torch.device | None = None, command: str | None = 
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "command": command if command is not None else " ".join(shlex.quote(a) for a in sys.argv),
+        "command": command if command is not None else _command_line(),
         "git": _git_rev(),
     }
     try:

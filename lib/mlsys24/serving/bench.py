@@ -45,20 +45,21 @@ def build_random_llama(cfg: LlamaConfig, device: str = "cuda", dtype=torch.float
     return model.eval()
 
 
-def _decode_run(model, batch: int, prompt_len: int, new_tokens: int, graphs: bool, seed: int) -> dict:
+def _decode_run(model, batch: int, prompt_len: int, new_tokens: int, graphs: bool, seed: int,
+                compile_decode: bool = False) -> dict:
     g = torch.Generator().manual_seed(seed)
     reqs = [Request(i, torch.randint(0, model.cfg.vocab_size, (prompt_len,), generator=g).tolist(), new_tokens)
             for i in range(batch)]
     bs = 16
     n_blocks = batch * (-(-(prompt_len + new_tokens) // bs)) + 4
     eng = Engine(model, "orca", n_blocks=n_blocks, block_size=bs, decode_graphs=graphs,
-                 context_bucket=256)
-    eng.run(reqs)
+                 context_bucket=256, compile_decode=compile_decode)
+    eng.run(reqs, progress=False)
     eng.check_invariants()
     dec = [r.duration_s for r in eng.steps if r.prefill_tokens == 0 and r.decode_rows == batch]
     dec = dec[3:]  # the first decode steps capture graphs / warm caches
     med = statistics.median(dec)
-    return {"batch": batch, "graphs": graphs, "decode_steps": len(dec), "step_median_ms": med * 1e3,
+    return {"batch": batch, "graphs": graphs, "compiled": compile_decode, "decode_steps": len(dec), "step_median_ms": med * 1e3,
             "step_p90_ms": sorted(dec)[int(0.9 * (len(dec) - 1))] * 1e3, "tokens_per_s": batch / med,
             "context": prompt_len + new_tokens}
 
@@ -94,22 +95,31 @@ def run(args) -> str:
     read_bytes = weight_bytes - embed_bytes
     prompt_len, new_tokens = (128, 32) if quick else (128, 64)
     batches = (1, 8) if quick else (1, 8, 32, 64)
-    for graphs in (False, True):
-        for b in batches:
-            r = _decode_run(model, b, prompt_len, new_tokens, graphs, seed=b)
+    variants = [(False, False), (True, False), (True, True)]
+    if "--no-compile" in (getattr(args, "extra", None) or []):
+        variants = variants[:2]
+    for graphs, comp in variants:
+        for b in (batches[:2] if comp else batches):  # each compiled shape costs a compilation
+            try:
+                r = _decode_run(model, b, prompt_len, new_tokens, graphs, seed=b, compile_decode=comp)
+            except Exception as e:  # a compile failure is reported, not hidden
+                records.append({"kind": "decode_error", "batch": b, "graphs": graphs, "compiled": comp,
+                                "error": f"{type(e).__name__}: {str(e)[:300]}"})
+                print(f"decode batch {b} graphs={graphs} compiled={comp}: FAILED {type(e).__name__}", flush=True)
+                break
             kv_bytes = b * r["context"] * cfg.kv_bytes_per_token(2) // 2  # mean context ~ half-way
             r.update(roofline(r["step_median_ms"] * 1e-3, bytes=read_bytes + kv_bytes, flops=2 * b * read_bytes / 2))
             r["pct_of_copy_bw"] = 100 * r["GBps"] / copy_GBps
             r["kind"] = "decode"
             records.append(r)
-            print(f"decode batch {b:3d} graphs={graphs!s:5}: {r['step_median_ms']:.2f} ms/step, "
+            print(f"decode batch {b:3d} graphs={graphs!s:5} compiled={comp!s:5}: {r['step_median_ms']:.2f} ms/step, "
                   f"{r['tokens_per_s']:.0f} tok/s, {r['GBps']:.0f} GB/s ({r['pct_of_copy_bw']:.0f}% of copy)",
                   flush=True)
     b1 = max((r for r in records if r["kind"] == "decode" and r["batch"] == 1), key=lambda r: r["GBps"])
     headline = {"name": "batch-1 decode bandwidth, Llama-2-7B shapes", "ours": b1["pct_of_copy_bw"],
                 "unit": "% of measured copy bandwidth", "paper": 60.0,
                 "paper_source": "target of the serving issue (no paper number)",
-                "graphs": b1["graphs"]}
+                "graphs": b1["graphs"], "compiled": b1["compiled"]}
     cfg_out = {"quick": quick, "model": "Llama-2-7B shapes, random fp16 weights", "weight_bytes": weight_bytes,
                "weight_bytes_read_per_step": read_bytes, "prompt_len": prompt_len, "new_tokens": new_tokens,
                "block_size": 16, "scheduler": "orca", "copy_GBps": copy_GBps,

@@ -61,7 +61,7 @@ class Engine:
     def __init__(self, model, scheduler: Scheduler | SchedulerConfig | str = "orca", *, n_blocks: int,
                  block_size: int = 16, lora: LoRAContext | None = None, kv_policy: KVPolicy | None = None,
                  record_logits: bool = False, max_model_len: int | None = None, kv_dtype: torch.dtype | None = None,
-                 decode_graphs: bool = False, context_bucket: int = 256):
+                 decode_graphs: bool = False, context_bucket: int = 256, compile_decode: bool = False):
         if n_blocks < 1 or block_size < 1:
             raise ValueError(f"n_blocks and block_size must be >= 1 (got {n_blocks}, {block_size})")
         self.model = model.eval()
@@ -76,7 +76,7 @@ class Engine:
             from .graph import DecodeGraphs
 
             self.decode_graphs = DecodeGraphs(model, self.cache, scratch_slot=n_blocks * block_size,
-                                              context_bucket=context_bucket)
+                                              context_bucket=context_bucket, compile=compile_decode)
         self.ledger = PoolLedger(self.cache)
         self.scheduler = scheduler if isinstance(scheduler, Scheduler) else Scheduler(scheduler)
         self.lora = lora
