@@ -26,6 +26,7 @@ from .llama import (
     RotaryEmbedding,
     apply_rope,
     named_linears,
+    pack_projections,
     replace_linears,
 )
 from .loading import TINY_LLAMA_DIR, load_hf_llama, load_tiny_llama, random_llama, save_checkpoint
@@ -61,7 +62,8 @@ __all__ = [
     "ContiguousKVCache", "DOC_SEP", "KVCache", "Llama", "LlamaBlock", "LlamaConfig", "OutOfBlocks",
     "PRESETS", "PagedKVCache", "Probe", "RMSNorm", "RotaryEmbedding", "TINY_LLAMA", "TINY_LLAMA_DIR", "apply_rope",
     "complete", "decode_speed", "generate", "get_attention_backend", "iter_documents", "load_hf_llama",
-    "load_minilm", "load_split", "load_split_bytes", "load_tiny_llama", "named_linears", "perplexity",
+    "load_minilm", "load_split", "load_split_bytes", "load_tiny_llama", "named_linears", "pack_projections",
+    "perplexity",
     "preset", "random_llama", "register_attention_backend", "replace_linears", "save_checkpoint", "sliding_window_nll",
     "validation_ids",
 ]

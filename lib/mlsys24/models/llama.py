@@ -150,9 +150,15 @@ class Attention(nn.Module):
             start = kv_cache.q_offsets if kv_cache is not None else torch.zeros(B, dtype=torch.long)
             position_ids = start.to(x.device)[:, None] + torch.arange(T, device=x.device)[None]
         cos, sin = rope if rope is not None else self.rotary(position_ids)
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
-        k = self.k_raw(self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim))
-        v = self.v_new(self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim))
+        packed = _packed_weight(self, ("q_proj", "k_proj", "v_proj"))
+        if packed is not None:  # one GEMM over the packed [q; k; v] weight (see pack_projections)
+            dq, dk = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+            q, k, v = F.linear(x, packed).split([dq, dk, dk], dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(B, T, self.n_heads, self.head_dim)
+        k = self.k_raw(k.view(B, T, self.n_kv_heads, self.head_dim))
+        v = self.v_new(v.view(B, T, self.n_kv_heads, self.head_dim))
         q = self.q_rot(apply_rope(q, cos, sin))
         k = self.k_rot(apply_rope(k, cos, sin))
 
@@ -185,7 +191,53 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.ffn_dim, cfg.d_model, bias=cfg.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        packed = _packed_weight(self, ("gate_proj", "up_proj"))
+        if packed is not None:  # one GEMM over the packed [gate; up] weight (see pack_projections)
+            gate, up = F.linear(x, packed).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(F.silu(gate) * up)
+
+
+def _packed_weight(module: nn.Module, names: tuple[str, ...]) -> torch.Tensor | None:
+    """The packed weight of ``names`` if :func:`pack_projections` made one and it is still valid:
+    the projections are plain bias-free ``nn.Linear`` whose weights are views of it, and no hook
+    observes them (capture and quantized/LoRA replacements take the per-projection path)."""
+    packed = getattr(module, "_packed", None)
+    if packed is None:
+        return None
+    for n in names:
+        lin = getattr(module, n)
+        if (type(lin) is not nn.Linear or lin.bias is not None or lin._forward_hooks or lin._forward_pre_hooks
+                or lin.weight.untyped_storage().data_ptr() != packed.untyped_storage().data_ptr()):
+            return None
+    return packed
+
+
+@torch.no_grad()
+def pack_projections(model: nn.Module) -> nn.Module:
+    """Store q/k/v and gate/up weights of every layer contiguously, as one ``[q; k; v]`` and one
+    ``[gate; up]`` matrix, and make each projection's weight a view into it (no extra memory).
+
+    Decoding then runs one GEMV per group instead of three (two), which reads the same bytes at a
+    higher achieved bandwidth. Inference only: the views share storage (safetensors refuses to save
+    them; reload the checkpoint instead).
+    """
+    for m in model.modules():
+        for names in (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")):
+            if not all(isinstance(getattr(m, n, None), nn.Linear) for n in names):
+                continue
+            lins = [getattr(m, n) for n in names]
+            if any(lin.bias is not None for lin in lins):
+                continue
+            packed = torch.cat([lin.weight for lin in lins], dim=0).contiguous()
+            start = 0
+            for lin in lins:
+                rows = lin.weight.shape[0]
+                lin.weight = nn.Parameter(packed[start:start + rows], requires_grad=False)
+                start += rows
+            m._packed = packed
+    return model
 
 
 class LlamaBlock(nn.Module):

@@ -17,32 +17,9 @@ import statistics
 import torch
 
 from ..bench import device_peaks, measure, roofline, save_results
-from ..models import Llama, LlamaConfig
+from ..models import pack_projections, preset, random_llama
 from .engine import Engine
 from .request import Request
-
-LLAMA2_7B = LlamaConfig(vocab_size=32000, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=32, ffn_dim=11008,
-                        max_seq_len=4096)
-
-
-def build_random_llama(cfg: LlamaConfig, device: str = "cuda", dtype=torch.float16, seed: int = 0) -> Llama:
-    """A Llama of ``cfg`` with random weights, created on ``device`` without a host copy."""
-    with torch.device("meta"):
-        model = Llama(cfg)
-    model = model.to_empty(device=device).to(dtype)
-    g = torch.Generator(device=device).manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 1:
-                p.fill_(1.0)
-            else:
-                p.normal_(0.0, 0.02, generator=g)
-        for m in model.modules():
-            if hasattr(m, "inv_freq"):
-                from ..models.llama import rope_inv_freq
-
-                m.inv_freq = rope_inv_freq(cfg.head_dim_, cfg.rope_theta, cfg.rope_scaling).to(device)
-    return model.eval()
 
 
 def _decode_run(model, batch: int, prompt_len: int, new_tokens: int, graphs: bool, seed: int,
@@ -88,22 +65,25 @@ def run(args) -> str:
         records.append({"kind": "gemv", "N": N, "K": K, "median_us": t.median_us,
                         **roofline(t.median_s, bytes=w.nbytes + x.nbytes + 2 * N, flops=2 * N * K)})
 
-    cfg = LLAMA2_7B
-    model = build_random_llama(cfg, "cuda")
+    cfg = preset("llama2-7b")
+    model = random_llama(cfg, "cuda", torch.float16)
     weight_bytes = sum(p.nbytes for p in model.parameters())
     embed_bytes = model.embed_tokens.weight.nbytes  # one row is read per token, not the table
     read_bytes = weight_bytes - embed_bytes
     prompt_len, new_tokens = (128, 32) if quick else (128, 64)
     batches = (1, 8) if quick else (1, 8, 32, 64)
-    variants = [(False, False), (True, False), (True, True)]
+    # (graphs, compiled, packed): eager engine; CUDA-graph decode; + torch.compile; + packed q/k/v, gate/up
+    variants = [(False, False, False), (True, False, False), (True, True, False), (True, True, True)]
     if "--no-compile" in (getattr(args, "extra", None) or []):
         variants = variants[:2]
-    for graphs, comp in variants:
+    for graphs, comp, packed in variants:
+        if packed:
+            pack_projections(model)
         for b in (batches[:2] if comp else batches):  # each compiled shape costs a compilation
             try:
                 r = _decode_run(model, b, prompt_len, new_tokens, graphs, seed=b, compile_decode=comp)
             except Exception as e:  # a compile failure is reported, not hidden
-                records.append({"kind": "decode_error", "batch": b, "graphs": graphs, "compiled": comp,
+                records.append({"kind": "decode_error", "batch": b, "graphs": graphs, "compiled": comp, "packed": packed,
                                 "error": f"{type(e).__name__}: {str(e)[:300]}"})
                 print(f"decode batch {b} graphs={graphs} compiled={comp}: FAILED {type(e).__name__}", flush=True)
                 break
@@ -111,15 +91,17 @@ def run(args) -> str:
             r.update(roofline(r["step_median_ms"] * 1e-3, bytes=read_bytes + kv_bytes, flops=2 * b * read_bytes / 2))
             r["pct_of_copy_bw"] = 100 * r["GBps"] / copy_GBps
             r["kind"] = "decode"
+            r["packed"] = packed
             records.append(r)
-            print(f"decode batch {b:3d} graphs={graphs!s:5} compiled={comp!s:5}: {r['step_median_ms']:.2f} ms/step, "
+            print(f"decode batch {b:3d} graphs={graphs!s:5} compiled={comp!s:5} packed={packed!s:5}: "
+                  f"{r['step_median_ms']:.2f} ms/step, "
                   f"{r['tokens_per_s']:.0f} tok/s, {r['GBps']:.0f} GB/s ({r['pct_of_copy_bw']:.0f}% of copy)",
                   flush=True)
     b1 = max((r for r in records if r["kind"] == "decode" and r["batch"] == 1), key=lambda r: r["GBps"])
     headline = {"name": "batch-1 decode bandwidth, Llama-2-7B shapes", "ours": b1["pct_of_copy_bw"],
                 "unit": "% of measured copy bandwidth", "paper": 60.0,
                 "paper_source": "target of the serving issue (no paper number)",
-                "graphs": b1["graphs"], "compiled": b1["compiled"]}
+                "graphs": b1["graphs"], "compiled": b1["compiled"], "packed": b1["packed"]}
     cfg_out = {"quick": quick, "model": "Llama-2-7B shapes, random fp16 weights", "weight_bytes": weight_bytes,
                "weight_bytes_read_per_step": read_bytes, "prompt_len": prompt_len, "new_tokens": new_tokens,
                "block_size": 16, "scheduler": "orca", "copy_GBps": copy_GBps,
