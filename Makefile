@@ -39,8 +39,10 @@ $(STAMP): pyproject.toml
 	$(VPY) -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (mlsys24)" >/dev/null
 	touch $@
 
+# JupyterLab on notebooks/: the widget, plotly and anywidget renderers ship as prebuilt extensions.
+# e.g. make lab LAB_ARGS="--no-browser --port 8899"
 lab: setup
-	$(VENV)/bin/jupyter lab --notebook-dir=notebooks
+	$(VENV)/bin/jupyter lab --ServerApp.root_dir=notebooks $(if $(filter 0,$(shell id -u)),--allow-root) $(LAB_ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check lib tests notebooks
@@ -53,10 +55,12 @@ test-notebooks: setup
 	MLSYS24_BATCH=1 MLSYS24_FIGURES_DIR=runs/test-figures $(VPY) -m pytest -q -p no:xdist --nbval-lax \
 	    --nbval-cell-timeout=600 --nbval-kernel-name=python3 notebooks/[0-9][0-9]_*.ipynb
 
+# JupyterLab driven by headless Chromium (skips without chromium); screenshots in runs/screenshots/.
+# MLSYS24_BROWSER_NOTEBOOKS=00,07 or =all picks the notebooks (default: the index + the first paper).
 test-browser: setup
-	$(VPY) -m pytest -q -p no:xdist -m browser tests
+	$(VPY) -m pytest -q -p no:xdist -m browser tests/browser
 
-test: lint test-lib test-notebooks
+test: lint test-lib test-notebooks test-browser
 
 reproduce: setup
 	MLSYS24_BATCH=1 $(VPY) -m mlsys24.reproduce $(if $(PAPER),--paper $(PAPER)) $(if $(PARAMS),--params $(PARAMS))

@@ -73,6 +73,14 @@ print(f"{sum(r['notebook'] is not None for r in rows)} of {len(rows)} papers hav
 
 # %%
 status_colour = {"reproduced": "#d9f2d9", "partial": "#fff3cd", "planned": "#f2f2f2"}
+
+
+def table_height(sel):
+    """Pixels for every row to show: cells wrap at ~45 (title) and ~42 (headline) characters a line."""
+    lines = [max(1, -(-len(r["title"]) // 45), -(-len(r["headline"] or "—") // 42)) for r in sel]
+    return 170 + sum(16 + 17 * n for n in lines)
+
+
 table = go.Figure(go.Table(
     columnwidth=[30, 300, 110, 80, 330],
     header=dict(values=["#", "paper", "area", "status", "headline (paper vs ours)"], align="left",
@@ -81,7 +89,7 @@ table = go.Figure(go.Table(
                        [r["status"] for r in shown], [r["headline"] or "—" for r in shown]],
                align="left", fill_color=[[status_colour[r["status"]] for r in shown]] * 5),
 ))
-viz.apply_template(table, title="MLSys 2024 papers in the workbench", height=120 + 28 * len(shown), width=1000)
+viz.apply_template(table, title="MLSys 2024 papers in the workbench", height=table_height(shown), width=1000)
 viz.save(table, "index", "papers")
 table
 
@@ -162,21 +170,26 @@ print(f"ok: {len(on_disk)} notebooks, all results carry provenance")
 # NBVAL_IGNORE_OUTPUT
 if INTERACTIVE:
     import ipywidgets as W
+    from IPython.display import display
 
     area = W.Dropdown(options=["all", *AREAS], value=AREA, description="area")
-    out_table = go.FigureWidget(table)
+    out_table = W.Output()  # a re-displayed go.Figure: FigureWidget drops the wrapped text of Table cells
 
     def _filter(change=None):
         sel = [r for r in rows if area.value == "all" or r["area"] == area.value]
-        with out_table.batch_update():
-            out_table.data[0].cells.values = [[r["number"] for r in sel], [r["title"] for r in sel],
-                                              [r["area"] for r in sel], [r["status"] for r in sel],
-                                              [r["headline"] or "—" for r in sel]]
-            out_table.data[0].cells.fill.color = [[status_colour[r["status"]] for r in sel]] * 5
-            out_table.layout.height = 120 + 28 * max(1, len(sel))
+        fig = go.Figure(table)
+        fig.update_traces(cells=dict(values=[[r["number"] for r in sel], [r["title"] for r in sel],
+                                             [r["area"] for r in sel], [r["status"] for r in sel],
+                                             [r["headline"] or "—" for r in sel]],
+                                     fill_color=[[status_colour[r["status"]] for r in sel]] * 5))
+        fig.update_layout(height=table_height(sel))
+        with out_table:
+            out_table.clear_output(wait=True)
+            display(fig)
 
     area.observe(_filter, names="value")
-    display(W.VBox([area, out_table]))  # noqa: F821
+    _filter()
+    display(W.VBox([area, out_table]))
 
 # %% [markdown]
 # ## Going further
