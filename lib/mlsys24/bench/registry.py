@@ -16,12 +16,16 @@ __all__ = ["BENCHMARKS", "resolve"]
 BENCHMARKS: dict[str, tuple[str, str]] = {
     "anchors": ("mlsys24.bench.anchors:run",
                 "harness check: HBM copy, cuBLAS fp16 GEMV/GEMM, SDPA decode vs the shared H100 anchors"),
+    "flashdecoding_pp": ("mlsys24.kernels.bench_fdpp:run",
+                         "FlashDecoding++: split-KV decode attention sync vs async, flat GEMM/GEMV vs cuBLAS, "
+                         "GEMM dispatcher (~2 min on an H100)"),
     "gnn_matrix_sampling": ("mlsys24.graph.bench:run",
                             "bulk matrix GraphSAGE/LADIES sampling vs per-minibatch loop (and PyG where its fast "
                             "path imports) vs bulk size k, 1 GPU"),
     "gnn_matrix_sampling_dist": ("mlsys24.graph.bench:run_dist",
                                  "1.5D distributed bulk sampling on all visible GPUs (NCCL): time + bytes per "
                                  "process, p in {2,4}, c in {1,2}"),
+    "punica": ("mlsys24.lora.bench:run", "Punica: SGMV/BGMV vs Loop/Gather-BMM at Llama-7B shapes; multi-LoRA serving vs same-adapter batching"),
     "serving": ("mlsys24.serving.bench:run",
                 "serving engine: Llama-2-7B-shaped decode throughput at batch 1/8/32/64, eager vs CUDA graphs"),
 }

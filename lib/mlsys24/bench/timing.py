@@ -1,8 +1,8 @@
 """One timing harness for the whole workbench.
 
 On a CUDA device: CUDA events around each call, warm-up first, the L2 cache flushed before each
-timed call (a write over a buffer larger than L2, so every run reads its inputs from HBM), median
-and spread of the repeats. On CPU: ``time.perf_counter`` around each call, warm-up, median.
+timed call (a read over a buffer twice the L2 size, so every run reads its inputs from HBM; a read,
+not a write, so no dirty lines are left for the timed call to write back), median and spread. On CPU: ``time.perf_counter`` around each call, warm-up, median.
 
 ``measure(fn)`` times ``fn()``; the caller builds inputs outside the timed region.
 """
@@ -133,7 +133,9 @@ def _measure_cuda(fn, warmup, repeats, flush_l2, dev, min_time_s, max_repeats) -
             ends = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
             for i in range(n):
                 if flush is not None:
-                    flush.zero_()
+                    # Evict L2 by *reading* a buffer twice its size: a write would leave dirty lines
+                    # whose write-back the timed call would pay for.
+                    torch.sum(flush, dtype=torch.int64)
                 starts[i].record()
                 fn()
                 ends[i].record()
