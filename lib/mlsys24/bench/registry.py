@@ -26,6 +26,9 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
                                  "1.5D distributed bulk sampling on all visible GPUs (NCCL): time + bytes per "
                                  "process, p in {2,4}, c in {1,2}"),
     "punica": ("mlsys24.lora.bench:run", "Punica: SGMV/BGMV vs Loop/Gather-BMM at Llama-7B shapes; multi-LoRA serving vs same-adapter batching"),
+    "lgreco": ("mlsys24.compress.bench:run",
+               "L-GreCo: DDP step time + bytes, uncompressed / uniform PowerSGD / L-GreCo, GPT-2-small (r0=32) + "
+               "ResNet-18, 2 GPUs NCCL over loopback sockets and default transport"),
     "serving": ("mlsys24.serving.bench:run",
                 "serving engine: Llama-2-7B-shaped decode throughput at batch 1/8/32/64, eager vs CUDA graphs"),
 }
