@@ -13,11 +13,12 @@
 #     language: python
 #     name: python3
 #   mlsys24:
+#     figure: sampling_time_vs_bulk
 #     headline: 'Paper: 2.5x faster than Quiver end-to-end (3-layer GraphSAGE, 128 A100).
 #       Ours: GraphSAGE and LADIES as bulk sparse-matrix sampling, faster per minibatch
-#       than a per-minibatch loop on CPU (asserted) and on H100 (bench JSON); 1.5D gloo
-#       sampling identical to single-process with bytes equal to the formula; SBM GraphSAGE
-#       well above chance'
+#       than a per-minibatch loop on CPU (asserted) and on H200 (bench JSON: 68x at
+#       k=64); 1.5D gloo sampling identical to single-process with bytes equal to the
+#       formula; SBM GraphSAGE well above chance'
 #     paper: '18'
 #     slug: gnn_matrix_sampling
 #     status: partial

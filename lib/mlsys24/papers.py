@@ -119,15 +119,61 @@ def markdown_table(root: Path | None = None) -> str:
     return "\n".join(lines)
 
 
+def gallery_figure(p: Paper, root: Path | None = None) -> Path | None:
+    """The figure a paper shows in the README gallery: metadata ``mlsys24.figure`` if set, else
+    ``paper_vs_ours.png``, else its first PNG."""
+    from .paths import REPO_ROOT
+
+    base = (root or REPO_ROOT) / "figures" / p.slug
+    nb = notebook_path(p, (root / "notebooks") if root else None)
+    name = notebook_meta(nb).get("figure") if nb.exists() else None
+    for cand in ([f"{name}.png"] if name else []) + ["paper_vs_ours.png"]:
+        if (base / cand).exists():
+            return base / cand
+    pngs = sorted(base.glob("*.png"))
+    return pngs[0] if pngs else None
+
+
+def markdown_gallery(root: Path | None = None) -> str:
+    """README gallery: one headline figure per reproduced paper, with the paper-vs-ours line and
+    the GPU the committed results were measured on."""
+    from .bench.results import load_results
+    from .paths import REPO_ROOT
+
+    root = root or REPO_ROOT
+    out = []
+    for p in PAPERS:
+        nb = notebook_path(p, root / "notebooks")
+        fig = gallery_figure(p, root)
+        if not nb.exists() or fig is None:
+            continue
+        meta = notebook_meta(nb)
+        gpus = sorted({r.device for r in load_results(p.slug) if r.meta.get("device_type") == "cuda"})
+        where = f" GPU results measured on {', '.join(gpus)}." if gpus else " CPU results only so far."
+        headline = meta.get("headline", "").rstrip()
+        if headline and not headline.endswith("."):
+            headline += "."
+        out.append(f"**{p.number} {p.title}** — {headline}{where}\n\n"
+                   f"![{p.slug}]({fig.relative_to(root).as_posix()})\n")
+    return "\n".join(out) if out else "No figures exported yet: `make figures`."
+
+
 README_START, README_END = "<!-- papers:start -->", "<!-- papers:end -->"
+GALLERY_START, GALLERY_END = "<!-- gallery:start -->", "<!-- gallery:end -->"
+
+
+def _replace_between(text: str, start: str, end: str, body: str) -> str:
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    return f"{head}{start}\n{body}\n{end}{tail}"
 
 
 def update_readme(path: Path) -> bool:
-    """Rewrite the table between the markers of README.md; True when it changed."""
+    """Rewrite the paper table and the gallery between their markers in README.md; True when changed."""
     text = path.read_text()
-    head, rest = text.split(README_START, 1)
-    _, tail = rest.split(README_END, 1)
-    new = f"{head}{README_START}\n{markdown_table(path.parent / 'notebooks')}\n{README_END}{tail}"
+    new = _replace_between(text, README_START, README_END, markdown_table(path.parent / "notebooks"))
+    if GALLERY_START in new:
+        new = _replace_between(new, GALLERY_START, GALLERY_END, markdown_gallery(path.parent))
     if new != text:
         path.write_text(new)
         return True

@@ -31,6 +31,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
                "ResNet-18, 2 GPUs NCCL over loopback sockets and default transport"),
     "serving": ("mlsys24.serving.bench:run",
                 "serving engine: Llama-2-7B-shaped decode throughput at batch 1/8/32/64, eager vs CUDA graphs"),
+    "awq": ("mlsys24.quant.bench:run", "AWQ W4A16 Triton GEMM/GEMV vs cuBLAS fp16, Llama-7B shapes, M=1..64"),
 }
 
 

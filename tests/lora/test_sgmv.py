@@ -1,0 +1,179 @@
+"""SGMV / BGMV Triton kernels (interpreter on CPU) and the PyTorch baselines against float32 references.
+
+Odd shapes (1, 7, 83, 127), ranks 8/16 (padded to 16 inside the kernels) and 64, uneven, empty and
+adapter-less (-1) segments, unsorted rows, split-K with fp32 atomics, non-contiguous inputs.
+"""
+
+import numpy as np
+import pytest
+import torch
+
+from mlsys24.lora.sgmv import (
+    bgmv_expand,
+    bgmv_ref,
+    bgmv_shrink,
+    lora_bgmv,
+    lora_gather_bmm,
+    lora_loop,
+    lora_ref,
+    lora_segmented_torch,
+    lora_sgmv,
+    segments_from_indptr,
+    segments_from_slots,
+    sgmv,
+    sgmv_expand,
+    sgmv_ref,
+    sgmv_shrink,
+)
+from mlsys24.lora.workload import popularity_segments
+
+# Error relative to max |reference|. fp32: summation order only. fp16/bf16: inputs are rounded the
+# same way for the reference, the kernels accumulate in fp32, so what remains is the final rounding
+# of y to 11 (fp16) or 8 (bf16) significant bits.
+TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.2e-2}
+
+
+def rel_err(got, ref):
+    return ((got.float() - ref).abs().max() / ref.abs().max().clamp_min(1e-6)).item()
+
+
+def pools(n_slots, K, R, H, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    A = (torch.randn(n_slots, K, R, generator=g) / K**0.5).to(dtype)
+    B = torch.randn(n_slots, R, H, generator=g).to(dtype)
+    scale = torch.rand(n_slots, generator=g) + 0.5
+    return A, B, scale
+
+
+def slots_for(popularity, n, n_slots, seed=0):
+    lens = popularity_segments(n, popularity)
+    ids = np.repeat(np.arange(len(lens)) % n_slots, lens)
+    return np.random.default_rng(seed).permutation(ids)  # unsorted rows: the kernels gather by index
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("N,K,R,H", [(1, 7, 8, 83), (7, 127, 16, 7), (13, 83, 8, 127)])
+def test_lora_sgmv_bgmv_match_reference(dtype, N, K, R, H):
+    A, B, scale = pools(5, K, R, H, dtype, seed=N)
+    slots = np.random.default_rng(N).integers(-1, 5, N)  # mixed, unsorted, some rows without adapter
+    x = torch.randn(N, K).to(dtype)
+    ref = lora_ref(x, A, B, scale, slots)
+    seg = segments_from_slots(slots)
+    assert rel_err(lora_sgmv(x, A, B, scale, seg), ref) <= TOL[dtype]
+    assert rel_err(lora_bgmv(x, A, B, scale, slots), ref) <= TOL[dtype]
+    # rows without an adapter stay exactly zero
+    none = torch.as_tensor(slots < 0)
+    if none.any():
+        assert lora_sgmv(x, A, B, scale, seg)[none].abs().max() == 0
+
+
+@pytest.mark.parametrize("popularity", ["distinct", "uniform", "skewed", "identical"])
+def test_popularities_all_operators_agree(popularity):
+    N, K, R, H = 23, 64, 16, 48
+    A, B, scale = pools(23, K, R, H, torch.float32)
+    slots = slots_for(popularity, N, 23)
+    x = torch.randn(N, K)
+    ref = lora_ref(x, A, B, scale, slots)
+    seg = segments_from_slots(slots)
+    for name, out in [("sgmv", lora_sgmv(x, A, B, scale, seg)), ("bgmv", lora_bgmv(x, A, B, scale, slots)),
+                      ("loop", lora_loop(x, A, B, scale, seg)), ("gather_bmm", lora_gather_bmm(x, A, B, scale, slots)),
+                      ("segmented", lora_segmented_torch(x, A, B, scale, seg))]:
+        assert (out - ref).abs().max() <= 1e-4, name
+
+
+def test_split_k_atomics_and_rank_64():
+    """Split-K shrink (fp32 atomics across programs) at rank 64, uneven segments."""
+    N, K, R, H = 9, 127, 64, 33
+    A, B, scale = pools(3, K, R, H, torch.float32)
+    indptr, seg_slot = [0, 1, 1, 6, 9], [2, 0, 1, -1]  # an empty segment and an adapter-less one
+    seg = segments_from_indptr(indptr, seg_slot)
+    x = torch.randn(N, K)
+    v = torch.zeros(N, R)
+    sgmv_shrink(v, x, A, seg, split_k=3, block_k=16)
+    v_ref = sgmv_ref(x, A, indptr, seg_slot)
+    assert (v - v_ref).abs().max() <= 1e-4
+    y = torch.zeros(N, H)
+    sgmv_expand(y, v, B, seg, scale, block_n=16)
+    slots = [2, 1, 1, 1, 1, 1, -1, -1, -1]
+    assert (y - lora_ref(x, A, B, scale, slots)).abs().max() <= 1e-4
+    vb = bgmv_shrink(torch.zeros(N, R), x, A, slots, split_k=4, block_k=16)
+    assert (vb - bgmv_ref(x, A, slots)).abs().max() <= 1e-4
+    yb = bgmv_expand(torch.zeros(N, H), vb, B, slots, scale, block_n=16)
+    assert (yb - y).abs().max() <= 1e-4
+
+
+def test_sgmv_accumulates_and_generic_op():
+    """``sgmv(y, x, w, seg)`` adds to y (Punica's ``y += x @ W_i`` per segment), shrink and expand shapes."""
+    N, K, H = 7, 83, 67
+    w_narrow = torch.randn(2, K, 16)
+    w_wide = torch.randn(2, 16, H)
+    indptr, seg_slot = [0, 3, 7], [1, 0]
+    seg = segments_from_indptr(indptr, seg_slot)
+    x = torch.randn(N, K)
+    y0 = torch.randn(N, 16)
+    out = sgmv(y0.clone(), x, w_narrow, seg)
+    assert (out - (y0 + sgmv_ref(x, w_narrow, indptr, seg_slot))).abs().max() <= 1e-4
+    v = torch.randn(N, 16)
+    y1 = torch.randn(N, H)
+    out = sgmv(y1.clone(), v, w_wide, seg)
+    assert (out - (y1 + sgmv_ref(v, w_wide, indptr, seg_slot))).abs().max() <= 1e-4
+
+
+def test_non_contiguous_inputs():
+    N, K, R, H = 7, 83, 8, 31
+    A, B, scale = pools(3, K, R, H, torch.float32)
+    base = torch.randn(K, 2 * N)
+    x = base[:, ::2].t()  # [N, K] with strides (2, 2N)
+    assert not x.is_contiguous()
+    slots = [0, 2, 2, -1, 1, 0, 2]
+    ref = lora_ref(x, A, B, scale, slots)
+    assert (lora_sgmv(x, A, B, scale, segments_from_slots(slots)) - ref).abs().max() <= 1e-4
+    assert (lora_bgmv(x, A, B, scale, slots) - ref).abs().max() <= 1e-4
+    y = torch.zeros(H, N).t()  # non-contiguous output, accumulated into
+    lora_sgmv(x, A, B, scale, segments_from_slots(slots), y=y)
+    assert (y - ref).abs().max() <= 1e-4
+
+
+def test_segments_tables():
+    seg = segments_from_slots([3, -1, 0, 3, 0, 0])
+    assert seg.has_rows and seg.seg_slot.tolist() == [0, 3] and seg.seg_indptr.tolist() == [0, 3, 5]
+    assert seg.order.tolist() == [2, 4, 5, 0, 3]
+    assert seg.slot_per_row().tolist() == [3, -1, 0, 3, 0, 0]
+    sorted_seg = segments_from_slots([0, 0, 1, 1, 1])
+    assert not sorted_seg.has_rows and sorted_seg.n_tiles == 2
+    tiles = segments_from_slots([0] * 40, block_m=16)
+    assert tiles.n_tiles == 3
+    assert tiles.tile_end.tolist() == [16, 32, 40] and tiles.tile_start.tolist() == [0, 16, 32]
+    # a fixed-capacity table refilled in place keeps its storage (what a CUDA graph needs)
+    st = segments_from_slots([-1] * 8, capacity=9, force_rows=True)
+    ptr = st.table.data_ptr()
+    st.refill_([1, 1, 0, -1, 2, 2, 2, 0])
+    assert st.table.data_ptr() == ptr and st.n_tiles == 3
+    fresh = segments_from_slots([1, 1, 0, -1, 2, 2, 2, 0], capacity=9, force_rows=True)
+    assert torch.equal(st.table, fresh.table)
+    with pytest.raises(ValueError, match="capacity"):
+        segments_from_slots(list(range(5)), capacity=4)
+    with pytest.raises(ValueError, match="seg_indptr"):
+        segments_from_indptr([1, 2], [0])
+
+
+def test_empty_and_adapterless_batches():
+    A, B, scale = pools(2, 16, 8, 16, torch.float32)
+    x = torch.randn(4, 16)
+    seg = segments_from_slots([-1, -1, -1, -1])
+    assert seg.n_tiles == 0
+    assert lora_sgmv(x, A, B, scale, seg).abs().max() == 0
+    assert lora_bgmv(x, A, B, scale, [-1] * 4).abs().max() == 0
+    assert lora_gather_bmm(x, A, B, scale, [-1] * 4).abs().max() == 0
+
+
+def test_shape_errors():
+    A, B, scale = pools(2, 16, 8, 16, torch.float32)
+    x = torch.randn(3, 16)
+    seg = segments_from_slots([0, 1, 0])
+    with pytest.raises(ValueError, match="fp32"):
+        sgmv_shrink(torch.zeros(3, 8, dtype=torch.float16), x, A, seg)
+    with pytest.raises(ValueError, match="do not agree"):
+        sgmv_shrink(torch.zeros(3, 8), torch.randn(3, 17), A, seg)
+    with pytest.raises(ValueError, match="weights"):
+        sgmv_shrink(torch.zeros(3, 8), x.half(), A, seg)
