@@ -54,9 +54,10 @@ def color(method: str) -> str:
 
 TEMPLATE = go.layout.Template(pio.templates["plotly_white"])
 TEMPLATE.layout.font = dict(family="Inter, Helvetica, Arial, sans-serif", size=13)
-TEMPLATE.layout.title = dict(x=0.02, xanchor="left")
-TEMPLATE.layout.legend = dict(orientation="h", yanchor="bottom", y=1.02, xanchor="right", x=1)
-TEMPLATE.layout.margin = dict(l=70, r=30, t=80, b=70)
+# Title at the very top, the legend in its own band between title and plot (long titles never collide).
+TEMPLATE.layout.title = dict(x=0.02, xanchor="left", y=0.985, yanchor="top")
+TEMPLATE.layout.legend = dict(orientation="h", yanchor="bottom", y=1.01, xanchor="left", x=0)
+TEMPLATE.layout.margin = dict(l=70, r=30, t=120, b=70)
 pio.templates["mlsys24"] = TEMPLATE
 
 
