@@ -1,0 +1,802 @@
+# ---
+# jupyter:
+#   jupytext:
+#     cell_metadata_filter: tags,-all
+#     formats: ipynb,py:percent
+#     notebook_metadata_filter: kernelspec,jupytext,mlsys24,-jupytext.text_representation.jupytext_version
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+#   mlsys24:
+#     headline: 'Paper: Llama-2-7B WikiText-2 PPL FP16 5.47 -> AWQ INT4-g128 5.60, >3x
+#       decode speed-up. Ours (tiny Llama, CPython bytes): AWQ beats RTN at INT3 and
+#       INT4 (see the headline cell); our Triton W4A16 kernel is slower than cuBLAS
+#       fp16 on an H200 at 7B shapes (0.66-0.74x at M=1)'
+#     paper: '07'
+#     slug: awq
+#     status: partial
+# ---
+
+# %% [markdown]
+# # AWQ: Activation-aware Weight Quantization for On-Device LLM Compression and Acceleration
+#
+# Ji Lin, Jiaming Tang, Haotian Tang, Shang Yang, Wei-Ming Chen, Wei-Chen Wang, Guangxuan Xiao,
+# Xingyu Dang, Chuang Gan, Song Han (MIT, SJTU, Tsinghua, NVIDIA, UMass Amherst) · MLSys 2024 (best paper)
+# · [arXiv 2306.00978](https://arxiv.org/abs/2306.00978) · official code
+# [mit-han-lab/llm-awq](https://github.com/mit-han-lab/llm-awq) (search: `awq/quantize/auto_scale.py`,
+# `auto_clip.py`; int4 format: `awq/quantize/qmodule.py`; runtime: `tinychat/`).
+#
+# **The idea in one paragraph.** Decoding one token streams every weight from memory, so storing weights
+# in 3-4 bits makes single-batch generation up to ~4x faster, if accuracy survives. Plain round-to-nearest
+# (RTN) group quantization loses a lot at 3 bits. AWQ observes that ~1 % of *input channels* matter most,
+# and that they are found by the **activation** magnitude, not by the weights. Instead of keeping them in
+# FP16 (mixed precision, hardware-unfriendly) it multiplies each input channel of W by
+# s = s_X^α (s_X = mean |x| of that channel) and divides the previous operator's output by s, which
+# changes nothing in full precision but shrinks the *relative* rounding error of the salient channels.
+# α is picked per layer group by a 20-point grid search on a few calibration tokens; then each weight
+# group is clipped to the error-minimising range. The result is a plain uniform INT4/INT3 model that a
+# fused dequantize-GEMM kernel (W4A16) serves.
+#
+# Here: the full method in `mlsys24.quant` (group quantizer, AWQ scale search with folding, clip search,
+# the paper's saliency probes, AWQ int4 packing, `QuantLinear`, checkpoints, a Triton W4A16 kernel)
+# applied to the workbench's tiny Llama (4 layers, d=256, byte-level, trained on the committed
+# CPython-stdlib corpus) and to MiniLM; GPU kernel numbers from `python -m mlsys24.bench awq`.
+
+# %% tags=["parameters"]
+W_BITS = [3, 4]               # weight bit widths of the headline table
+GROUP_SIZES = [64, 128]       # quantization group sizes (input channels per group) of the headline table
+N_GRID = 20                   # alpha grid {0, 1/N, ..., (N-1)/N} (official: 20)
+MAX_SHRINK = 0.5              # clip search: candidates absmax * (1 - i/N_GRID) for i < N_GRID * MAX_SHRINK
+CALIB_BLOCKS = 16             # calibration: this many byte windows of the *train* split...
+CALIB_SEQLEN = 128            # ...of this many bytes (official: 128 x 512 tokens of the Pile)
+LOSS_ROWS = 4                 # alpha-search loss on the first LOSS_ROWS windows (s_X uses all of them)
+CLIP_TOKENS = 512             # clip search: at most this many calibration tokens (official: 512)
+EVAL_TOKENS = 4096            # perplexity on the first EVAL_TOKENS bytes of the *validation* split
+EVAL_WINDOW = 256             # perplexity sequence length (bytes)
+PROBE_BITS = 3                # Table 1/2 analogues: bit width...
+PROBE_GROUP = 64              # ...and group size
+SALIENT_PCTS = [1.0]          # Table 1: % of input channels kept in FP (paper: 0.1, 1, 3)
+SCALES_T2 = [1.0, 1.25, 1.5, 2.0, 4.0]   # Table 2: fixed scale s of the 1 % salient channels
+RANDOM_SEEDS = 1              # Table 1: seeds of the "random channels" rule
+USE_MINILM = True             # MiniLM sentence-embedding fidelity (a real pretrained model)
+MINILM_DOCS = 64              # validation-split docstrings embedded
+MINILM_BITS = 3               # MiniLM quantization: bits...
+MINILM_GROUP = 64             # ...and group size
+MINILM_CALIB_BLOCKS = 2       # MiniLM calibration: blocks of 128 tokens of train-split docstrings
+RUN_KERNEL_CHECK = True       # run the Triton W4A16 kernel (interpreter on CPU) against the reference
+MODEL_PATH = None             # an HF Llama directory (config.json + safetensors + tokenizer.json) instead of the tiny Llama
+EVAL_TEXT_PATH = None         # a text file to evaluate perplexity on instead of the validation split
+DEVICE = "cpu"                # "cpu" or "cuda"
+BENCH = "auto"                # GPU numbers: "auto" (live quick bench on a GPU, else the results JSON), "json", "skip"
+THREADS = 2                   # torch CPU threads
+SEED = 0                      # seed of the calibration windows and the random-channel rule
+INTERACTIVE = True            # build the ipywidgets explorer at the end
+
+# %%
+from mlsys24.params import Bool, Choice, Float, Int, ListOf, Str, validate
+
+validate(globals(), W_BITS=ListOf(Int(2, 8), min_len=1), GROUP_SIZES=ListOf(Int(8, 4096), min_len=1),
+         N_GRID=Int(1, 200), MAX_SHRINK=Float(0, 1), CALIB_BLOCKS=Int(1, 4096), CALIB_SEQLEN=Int(8, 8192),
+         LOSS_ROWS=Int(0, 4096), CLIP_TOKENS=Int(16, 10**6), EVAL_TOKENS=Int(512, 10**9),
+         EVAL_WINDOW=Int(16, 8192), PROBE_BITS=Int(2, 8), PROBE_GROUP=Int(8, 4096),
+         SALIENT_PCTS=ListOf(Float(0, 100, lo_open=True), min_len=1), SCALES_T2=ListOf(Float(1, 64), min_len=1),
+         RANDOM_SEEDS=Int(1, 100), USE_MINILM=Bool(), MINILM_DOCS=Int(4, 10_000), MINILM_BITS=Int(2, 8),
+         MINILM_GROUP=Int(8, 1536), MINILM_CALIB_BLOCKS=Int(1, 256), RUN_KERNEL_CHECK=Bool(),
+         DEVICE=Choice("cpu", "cuda"), BENCH=Choice("auto", "json", "skip"), THREADS=Int(1, 256), SEED=Int(0),
+         INTERACTIVE=Bool())
+if MODEL_PATH is not None:
+    validate(globals(), MODEL_PATH=Str())
+if EVAL_TEXT_PATH is not None:
+    validate(globals(), EVAL_TEXT_PATH=Str())
+assert 1.0 in SCALES_T2, "SCALES_T2 must contain 1 (plain RTN, the Table 2 baseline)"
+
+# %%
+import copy
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import plotly.graph_objects as go
+import torch
+from plotly.subplots import make_subplots
+
+from mlsys24 import viz
+from mlsys24.models import load_hf_llama, load_tiny_llama, named_linears, sliding_window_nll, validation_ids
+from mlsys24.quant import fake_quant, pack_int4, unpack_int4
+from mlsys24.quant.awq import (
+    AwqResult,
+    apply_awq,
+    awq_llama,
+    awq_minilm,
+    fake_quantize_linears,
+    keep_salient_fp,
+    linear_input_stats,
+    scale_salient,
+    scales_for_alpha,
+    search_scale,
+)
+from mlsys24.quant.calib import calibration_ids, docstrings
+from mlsys24.quant.qlinear import QuantLinear, load_awq_checkpoint, quantize_linears, save_awq_checkpoint
+
+SLUG = "awq"
+T_START = time.time()
+torch.manual_seed(SEED)
+torch.set_num_threads(THREADS)
+GPU = torch.cuda.is_available()
+if DEVICE == "cuda" and not GPU:
+    raise RuntimeError("DEVICE='cuda' but no CUDA device is visible")
+print(f"device: {DEVICE}; GPU visible: {GPU}; Triton interpreter: {os.environ.get('TRITON_INTERPRET') == '1'}")
+
+# %% [markdown]
+# ## 1. Reference: RTN and the AWQ scale search, in plain PyTorch
+#
+# Group quantization (asymmetric, zero point, G consecutive input channels per output row), exactly the
+# official `pseudo_quantize_tensor`: Δ = (max−min)/(2^N−1), z = round(−min/Δ),
+# Q(w) = (clamp(round(w/Δ)+z, 0, 2^N−1) − z)·Δ. The AWQ search for one linear that inspects its own
+# output, in ten lines; the library's `search_scale` (used for every scale group below, with the
+# attention or the MLP as the inspected module) must agree with it.
+
+# %%
+def rtn_ref(w, bits, group):
+    """Round-to-nearest group quantize-dequantize, written out."""
+    rows, cols = w.shape
+    wg = w.reshape(rows, cols // group, group)
+    mx, mn = wg.amax(-1, keepdim=True), wg.amin(-1, keepdim=True)
+    delta = (mx - mn).clamp(min=1e-5) / (2**bits - 1)
+    zero = torch.round(-mn / delta).clamp(0, 2**bits - 1)
+    return ((torch.clamp(torch.round(wg / delta) + zero, 0, 2**bits - 1) - zero) * delta).reshape(rows, cols)
+
+
+def awq_search_ref(w, x, bits, group, n_grid=20):
+    """alpha* = argmin over the grid of ||Q(W diag(s)) diag(s)^-1 x - W x||^2 with s = s_x^alpha (normalised)."""
+    s_x = x.abs().mean(0)
+    losses = []
+    for i in range(n_grid):
+        s = s_x.pow(i / n_grid).clamp(min=1e-4)
+        s = s / (s.max() * s.min()).sqrt()
+        losses.append(((x @ (rtn_ref(w * s, bits, group) / s).T - x @ w.T) ** 2).mean().item())
+    return int(np.argmin(losses)) / n_grid, losses
+
+
+g = torch.Generator().manual_seed(SEED)
+w_demo = torch.randn(64, 128, generator=g) * 0.05
+x_demo = torch.randn(512, 128, generator=g) * torch.where(torch.arange(128) < 2, 20.0, 1.0)  # 2 outlier channels
+assert torch.equal(rtn_ref(w_demo, 3, 64), fake_quant(w_demo, 3, 64))
+lin_demo = torch.nn.Linear(128, 64, bias=False)
+lin_demo.weight.data = w_demo.clone()
+a_ref, l_ref = awq_search_ref(w_demo, x_demo, 3, 64)
+out = search_scale([lin_demo], x_demo, lin_demo, 3, 64)
+print(f"reference alpha* = {a_ref:.2f}, library alpha* = {out['best_alpha']:.2f}; "
+      f"loss RTN {l_ref[0]:.3e} -> AWQ {min(l_ref):.3e}")
+assert out["best_alpha"] == a_ref and np.allclose(out["losses"], l_ref, rtol=1e-4)
+assert torch.equal(lin_demo.weight.data, w_demo)                      # the search restores the weights
+
+# %% [markdown]
+# ## 2. The model, calibration and evaluation data
+#
+# Calibration: `CALIB_BLOCKS` windows of `CALIB_SEQLEN` bytes at seeded random offsets of the corpus's
+# **train** split. Perplexity: the first `EVAL_TOKENS` bytes of the **validation** split, cut into
+# `EVAL_WINDOW`-byte windows that overlap by one byte (`sliding_window_nll(window=W, stride=W-1)`), i.e.
+# the paper's protocol of non-overlapping sequences (WikiText-2 at 2048 tokens there). Byte-level
+# perplexities of Python source are not comparable with WikiText-2 token perplexities: compare *orderings
+# and relative gaps*, never absolute values.
+
+# %%
+if MODEL_PATH is None:
+    model = load_tiny_llama(device=DEVICE).eval()
+    calib = calibration_ids(CALIB_BLOCKS, CALIB_SEQLEN, seed=SEED).to(DEVICE)
+
+    def encode(data: bytes) -> torch.Tensor:
+        return torch.tensor(list(data), dtype=torch.long)
+else:                                                   # a user checkpoint (GPU-scale run through papermill)
+    from tokenizers import Tokenizer
+
+    from mlsys24.models import load_split_bytes
+
+    model = load_hf_llama(MODEL_PATH, device=DEVICE, dtype=torch.float16 if DEVICE == "cuda" else torch.float32)
+    model.eval()
+    _tok = Tokenizer.from_file(str(Path(MODEL_PATH) / "tokenizer.json"))
+
+    def encode(data: bytes) -> torch.Tensor:
+        return torch.tensor(_tok.encode(data.decode("utf-8", "replace")).ids, dtype=torch.long)
+
+    _train = encode(load_split_bytes("train")[: CALIB_BLOCKS * CALIB_SEQLEN * 8])
+    calib = _train[: CALIB_BLOCKS * CALIB_SEQLEN].reshape(CALIB_BLOCKS, CALIB_SEQLEN).to(DEVICE)
+if EVAL_TEXT_PATH is not None:
+    eval_ids = encode(Path(EVAL_TEXT_PATH).read_bytes())[:EVAL_TOKENS]
+elif MODEL_PATH is None:
+    eval_ids = validation_ids(EVAL_TOKENS)
+else:
+    from mlsys24.models import load_split_bytes
+
+    eval_ids = encode(load_split_bytes("validation"))[:EVAL_TOKENS]
+LINEARS = list(named_linears(model))
+
+
+def ppl(m) -> float:
+    return sliding_window_nll(m, eval_ids, window=EVAL_WINDOW, stride=EVAL_WINDOW - 1, batch_size=16)["ppl"]
+
+
+t0 = time.time()
+PPL_FP = ppl(model)
+print(f"{model.cfg.n_layers} layers, d={model.cfg.d_model}, {len(LINEARS)} linears quantized "
+      f"({sum(m.weight.numel() for m in named_linears(model).values()) / 1e6:.2f} M weights; embeddings and "
+      f"lm_head stay FP as in the paper); calibration {tuple(calib.shape)}; eval {eval_ids.numel()} tokens")
+print(f"FP perplexity: {PPL_FP:.4f}  ({time.time() - t0:.1f} s per evaluation)")
+
+# %% [markdown]
+# ## 3. Is the tiny model like an LLM? Activation outliers
+#
+# AWQ's premise is that a few input channels carry much larger activations. The paper's LLMs have
+# outlier channels 10-100x the median. The statistic below (mean |x| of the top 1 % channels over the
+# median channel, per linear's input, on the calibration data) tells how much room AWQ has here.
+
+# %%
+STATS = linear_input_stats(model, calib, LINEARS)
+
+
+def outlier_ratio(s_x: torch.Tensor, pct: float = 1.0) -> float:
+    k = max(1, round(pct / 100 * s_x.numel()))
+    return float(torch.topk(s_x, k).values.mean() / s_x.median())
+
+
+ratios = {n: outlier_ratio(s) for n, s in STATS.items()}
+fig = go.Figure(go.Bar(x=[n.replace("layers.", "L").replace("self_attn.", "").replace("mlp.", "").replace("_proj", "")
+                          for n in ratios], y=list(ratios.values()), marker_color=viz.color("awq")))
+viz.apply_template(fig, title="Activation outliers: top-1 % channels vs the median channel (tiny Llama)",
+                   x="linear (layer.projection)", y="mean |x| ratio (top 1 % / median)", width=900)
+fig.update_yaxes(type="log")
+fig.update_xaxes(tickangle=-45)
+viz.caption(fig, "Calibration inputs of every linear (train split); q/k/v share an input, as do gate/up. "
+            "The paper's LLMs: outlier channels 10-100x the median.")
+viz.save(fig, SLUG, "activation_outliers")
+fig.show()
+print(f"top-1 % / median ratio: min {min(ratios.values()):.1f}, max {max(ratios.values()):.1f}")
+
+# %% [markdown]
+# **Takeaway.** The trained tiny Llama has only *weak* outliers: its top-1 % input channels are a few times
+# the median (range printed above; largest at some `o_proj`/`down_proj` inputs), far from the 10-100x of
+# 7B-70B models. The mechanism AWQ exploits exists here, but with less room: expect smaller gains than the
+# paper's, and differences between the saliency rules below that are real but small.
+#
+# ## 4. Table 1 analogue: keep 1 % of the channels in FP — chosen by activation, by weight, or at random
+#
+# The paper's motivating experiment (OPT, INT3-g128): RTN everything but keep 0.1-3 % of the input
+# channels of every linear in FP16. Chosen by activation magnitude it recovers most of the loss; by
+# weight norm or at random it barely helps.
+
+# %%
+RTN_CACHE: dict = {}
+
+
+def rtn_model(bits: int, group: int):
+    m = copy.deepcopy(model)
+    fake_quantize_linears(m, bits, group)
+    return m
+
+
+def rtn_ppl(bits: int, group: int) -> float:
+    if (bits, group) not in RTN_CACHE:
+        RTN_CACHE[(bits, group)] = ppl(rtn_model(bits, group))
+    return RTN_CACHE[(bits, group)]
+
+
+T1 = {"RTN": rtn_ppl(PROBE_BITS, PROBE_GROUP)}
+for pct in SALIENT_PCTS:
+    for rule in ("activation", "weight", "random"):
+        vals = []
+        for seed in range(RANDOM_SEEDS if rule == "random" else 1):
+            m = copy.deepcopy(model)
+            keep_salient_fp(m, STATS, rule, pct / 100, PROBE_BITS, PROBE_GROUP, seed=SEED + 1000 * seed)
+            vals.append(ppl(m))
+        T1[(pct, rule)] = float(np.mean(vals))
+# paper, OPT-6.7B INT3-g128 WikiText-2: RTN 23.54, keep-1 % by activation ~11.4, by weight / random >= 22 (as
+# quoted in the project's paper card); FP16 10.86 (OPT-6.7B's WikiText-2 FP16 perplexity as recalled; verify)
+T1_PAPER = {"FP16": 10.86, "RTN": 23.54, (1.0, "activation"): 11.4, (1.0, "weight"): 22.0, (1.0, "random"): 22.0}
+print(f"tiny Llama INT{PROBE_BITS}-g{PROBE_GROUP}: FP {PPL_FP:.4f}, RTN {T1['RTN']:.4f}")
+for pct in SALIENT_PCTS:
+    print(f"  keep {pct:.1f} %: " + ", ".join(f"by {r} {T1[(pct, r)]:.4f}" for r in ("activation", "weight", "random")))
+
+# %%
+def gap_left(p, fp, rtn):
+    """Share of RTN's perplexity gap still left (RTN = 100 %, FP = 0 %): comparable across models."""
+    return 100 * (p - fp) / (rtn - fp)
+
+
+pct0 = SALIENT_PCTS[0]
+cats = ["RTN"] + [f"keep {pct0:g}% by {r}" for r in ("activation", "weight", "random")]
+ours_gap = [100.0] + [gap_left(T1[(pct0, r)], PPL_FP, T1["RTN"]) for r in ("activation", "weight", "random")]
+paper_gap = [100.0] + [gap_left(T1_PAPER[(1.0, r)], T1_PAPER["FP16"], T1_PAPER["RTN"]) if pct0 == 1.0 else None
+                       for r in ("activation", "weight", "random")]
+fig = viz.paper_vs_ours(cats, ours_gap, paper_gap, title="Table 1 analogue: which 1 % of channels to keep in FP",
+                        y="RTN's perplexity gap left (%)", ours_label=f"ours: tiny Llama INT{PROBE_BITS}-g{PROBE_GROUP}",
+                        paper_label="paper: OPT-6.7B INT3-g128", text_fmt=".0f")
+viz.caption(fig, f"Gap left = (PPL − PPL_FP) / (PPL_RTN − PPL_FP). Ours: byte-level tiny Llama (4 layers, d=256), "
+            f"{eval_ids.numel()} validation bytes,<br>windows of {EVAL_WINDOW}; RTN/FP = {T1['RTN']:.4f}/{PPL_FP:.4f}. "
+            "Paper (WikiText-2): RTN 23.54, act. ≈11.4, weight/random ≈22 (as quoted in the card), FP16 10.86 (recalled).")
+viz.save(fig, SLUG, "table1_salient_channels")
+fig.show()
+
+# %% [markdown]
+# **Takeaway.** Keeping the channels with the largest *activations* in FP removes more of RTN's loss than
+# keeping the channels with the largest weights or random ones, as in the paper — but only a fraction of it,
+# where on OPT-6.7B it removes nearly all: the tiny model's outliers are far weaker (section 3). Mixed precision is only the
+# probe: AWQ gets the same protection with a uniform format.
+#
+# ## 5. Table 2 analogue: scale the 1 % salient channels by a fixed s
+#
+# Multiply the salient input channels of W by s before quantizing and divide after (what folding s into
+# the previous op does). The salient weights' relative error shrinks ~1/s as long as the group's step Δ
+# does not grow; too large an s enlarges Δ for the whole group and hurts the other 99 %.
+
+# %%
+T2 = []
+for s in SCALES_T2:
+    m = copy.deepcopy(model)
+    st = scale_salient(m, STATS, s, 0.01, PROBE_BITS, PROBE_GROUP)
+    if s == 1.0:                                          # s = 1 is plain RTN, bit for bit
+        r = rtn_model(PROBE_BITS, PROBE_GROUP)
+        assert all(torch.equal(a, b) for a, b in zip(m.parameters(), r.parameters()))
+        st["ppl"] = rtn_ppl(PROBE_BITS, PROBE_GROUP)
+    else:
+        st["ppl"] = ppl(m)
+    T2.append(st)
+T2_PAPER = {1.0: 23.54, 2.0: 11.92, 4.0: 12.36}   # OPT-6.7B INT3-g128 (as quoted in the card; verify)
+print(f"{'s':>5} {'Δ changed':>10} {'mean Δ′/Δ':>10} {'Δ′/(Δ s)':>9} {'PPL':>8}   paper PPL")
+for st in T2:
+    print(f"{st['s']:5.2f} {100 * st['frac_delta_changed']:9.1f}% {st['mean_delta_ratio']:10.3f} "
+          f"{st['mean_salient_error_ratio']:9.3f} {st['ppl']:8.4f}   {T2_PAPER.get(st['s'], '')}")
+
+# %%
+fig = make_subplots(specs=[[{"secondary_y": True}]])
+xs = [f"s={st['s']:g}" for st in T2]
+fig.add_bar(x=xs, y=[gap_left(st["ppl"], PPL_FP, T2[0]["ppl"]) for st in T2], name="ours: RTN gap left (%)",
+            marker_color=viz.color("awq"), texttemplate="%{y:.0f}", textposition="outside")
+_pv = [gap_left(T2_PAPER[st["s"]], 10.86, 23.54) if st["s"] in T2_PAPER else None for st in T2]
+fig.add_bar(x=xs, y=_pv, name="paper OPT-6.7B: RTN gap left (%)", marker_color=viz.color("paper"),
+            marker_pattern_shape="/", text=[f"{v:.0f}" if v is not None else "" for v in _pv], textposition="outside")
+fig.add_scatter(x=xs, y=[100 * st["frac_delta_changed"] for st in T2], name="ours: groups with Δ′ ≠ Δ (%)",
+                mode="lines+markers", line_color="#1f77b4", secondary_y=True)
+viz.apply_template(fig, title="Table 2 analogue: scale the 1 % salient channels by s", x="scale s of the salient channels")
+fig.update_yaxes(title_text="RTN's perplexity gap left (%)", rangemode="tozero", secondary_y=False)
+fig.update_yaxes(title_text="groups whose step Δ changed (%)", rangemode="tozero", showgrid=False, secondary_y=True)
+fig.update_layout(barmode="group", legend=dict(y=1.12))
+viz.caption(fig, f"Gap left = (PPL(s) − PPL_FP) / (PPL(s=1) − PPL_FP); s = 1 is RTN. Ours: tiny Llama INT{PROBE_BITS}-g{PROBE_GROUP}, "
+            "salient = top 1 % by activation per linear.<br>Paper: OPT-6.7B INT3-g128, PPL 23.54 / 11.92 / 12.36 at "
+            "s = 1 / 2 / 4 (as quoted in the card), FP16 10.86 (recalled).")
+viz.save(fig, SLUG, "table2_scaling")
+fig.show()
+
+# %% [markdown]
+# **Takeaway.** A moderate s can lower the perplexity below RTN while the share of groups whose Δ changes
+# grows with s — the trade-off of the paper's Table 2. Where the optimum lies depends on the model (on the
+# tiny Llama it sits at a smaller s than OPT-6.7B's s = 2, see the table), which is why AWQ searches
+# s = s_X^α per layer group instead of fixing one s.
+#
+# ## 6. AWQ on the tiny Llama: search, fold, clip — and the headline table
+#
+# The layer-by-layer driver (official `run_awq`): block inputs from the unmodified FP block; for each of
+# the four scale groups of a block (input_layernorm→q,k,v inspecting the attention; v→o; post-attention
+# norm→gate,up inspecting the MLP; up→down) a 20-point α search, then folding, then the clip search on every
+# linear but q/k. Every (bits, group) gets its own search.
+
+# %%
+RESULTS: dict = {}
+for bits in W_BITS:
+    for group in GROUP_SIZES:
+        if model.cfg.d_model % group or model.cfg.ffn_dim % group:
+            continue
+        a = copy.deepcopy(model)
+        res = awq_llama(a, calib, bits, group, n_grid=N_GRID, max_shrink=MAX_SHRINK, loss_rows=LOSS_ROWS or None,
+                        clip_tokens=CLIP_TOKENS)
+        fake_quantize_linears(a, bits, group)
+        r = {"rtn": rtn_ppl(bits, group), "awq": ppl(a), "awq_scale_only": None, "search": res}
+        if (bits, group) == (PROBE_BITS, PROBE_GROUP):     # ablation: the scale search alone, no clipping
+            scale_only = apply_awq(copy.deepcopy(model), AwqResult(bits, group, N_GRID, MAX_SHRINK, res.searches))
+            fake_quantize_linears(scale_only, bits, group)
+            r["awq_scale_only"] = ppl(scale_only)
+        RESULTS[(bits, group)] = r
+        better, total = res.improved_count()
+        so = f"  AWQ(scale only) {r['awq_scale_only']:.4f}" if r["awq_scale_only"] is not None else ""
+        print(f"INT{bits}-g{group}: RTN {r['rtn']:.4f}{so}  AWQ(scale+clip) {r['awq']:.4f}"
+              f"   alpha* beats alpha=0 in {better}/{total} groups; search {res.seconds:.1f} s")
+
+# %% [markdown]
+# Two exactness checks on the searched INT3-g64 (or first) configuration: (1) folding the scales (no
+# clipping, no quantization) leaves the FP model's logits unchanged; (2) a search restricted to α = 0 gives
+# exactly the RTN weights.
+
+# %%
+KEY = (PROBE_BITS, PROBE_GROUP) if (PROBE_BITS, PROBE_GROUP) in RESULTS else next(iter(RESULTS))
+res = RESULTS[KEY]["search"]
+folded = apply_awq(copy.deepcopy(model), AwqResult(*KEY, N_GRID, MAX_SHRINK, res.searches))
+with torch.no_grad():
+    FOLD_ERR = float((folded(calib[:2]) - model(calib[:2])).abs().max())
+zero = copy.deepcopy(model)
+awq_llama(zero, calib, *KEY, alphas=[0.0], clip=False, loss_rows=1)
+fake_quantize_linears(zero, *KEY)
+ALPHA0_IS_RTN = all(torch.equal(a, b) for a, b in zip(zero.parameters(), rtn_model(*KEY).parameters()))
+print(f"max |logit change| from folding: {FOLD_ERR:.2e};  alpha = 0 == RTN bit for bit: {ALPHA0_IS_RTN}")
+
+# %%
+# paper, Llama-2-7B WikiText-2 (Table 4): FP16 5.47 and AWQ INT4-g128 5.60 (confirmed in llm-awq#109);
+# INT3-g128 RTN 6.66 / AWQ 6.24 as recalled in the card (verify against the PDF); INT4 RTN not quoted here
+PAPER = {"FP16": 5.47, (4, 128): {"awq": 5.60}, (3, 128): {"rtn": 6.66, "awq": 6.24}}
+rows = []
+for (bits, group), r in RESULTS.items():
+    p = PAPER.get((bits, group), {})
+    rows.append({"config": f"INT{bits}-g{group}", "FP": PPL_FP, "RTN": r["rtn"], "AWQ scale": r["awq_scale_only"],
+                 "AWQ": r["awq"], "recovered": (r["rtn"] - r["awq"]) / (r["rtn"] - PPL_FP) if r["rtn"] > PPL_FP else 0,
+                 "paper RTN": p.get("rtn"), "paper AWQ": p.get("awq")})
+print(f"{'config':<11} {'FP':>7} {'RTN':>7} {'AWQ':>7} {'gap recovered':>14}   paper (Llama-2-7B, FP16 5.47)")
+for r in rows:
+    pr = "  ".join(f"{k} {r[k]:.2f}" for k in ("paper RTN", "paper AWQ") if r[k] is not None)
+    print(f"{r['config']:<11} {r['FP']:7.4f} {r['RTN']:7.4f} {r['AWQ']:7.4f} {100 * r['recovered']:13.0f}%   {pr}")
+
+# %%
+cfgs = [r["config"] for r in rows]
+fig = make_subplots(rows=1, cols=2, column_widths=[0.62, 0.38], horizontal_spacing=0.12,
+                    subplot_titles=("ours: tiny Llama (byte-level, 3.4 M weights)", "paper: Llama-2-7B, WikiText-2"))
+for name, key in (("RTN", "RTN"), ("AWQ", "AWQ")):
+    fig.add_bar(x=cfgs, y=[100 * (r[key] / PPL_FP - 1) for r in rows], name=name, marker_color=viz.color(name.lower()),
+                texttemplate="%{y:.2f}", textposition="outside", row=1, col=1)
+pcfg = [c for c in ("INT3-g128", "INT4-g128")]
+for name, key in (("RTN", "rtn"), ("AWQ", "awq")):
+    vals = [100 * (v / PAPER["FP16"] - 1) if v else None for v in (PAPER.get((int(c[3]), 128), {}).get(key)
+                                                                    for c in pcfg)]
+    fig.add_bar(x=pcfg, y=vals, name=f"{name} (paper)", marker_color=viz.color(name.lower()),
+                marker_pattern_shape="/", showlegend=False, text=[f"{v:.1f}" if v is not None else "n/q" for v in vals],
+                textposition="outside", row=1, col=2)
+viz.apply_template(fig, title="Headline: perplexity increase over FP, RTN vs AWQ", width=980, height=460)
+fig.update_yaxes(title_text="perplexity increase over FP (%)", row=1, col=1)
+fig.update_yaxes(title_text="perplexity increase over FP16 (%)", row=1, col=2)
+fig.update_xaxes(title_text="weight format", row=1, col=1)
+fig.update_layout(barmode="group", legend=dict(y=1.14))
+viz.caption(fig, f"Ours: {eval_ids.numel()} validation bytes in {EVAL_WINDOW}-byte windows, calibration {CALIB_BLOCKS}x"
+            f"{CALIB_SEQLEN} train bytes; FP perplexity {PPL_FP:.4f}; d=256 gives only 2 groups per row at g128."
+            "<br>Paper: FP16 5.47, INT3-g128 RTN 6.66 / AWQ 6.24 (as recalled in the card), INT4-g128 AWQ 5.60 "
+            "(INT4 RTN not quoted: n/q). Different models and metrics: compare orderings, not heights.")
+viz.save(fig, SLUG, "headline_ppl")
+fig.show()
+
+# %% [markdown]
+# **Takeaway.** On the tiny Llama, AWQ closes a large part of RTN's INT3 gap and is at least as good as RTN
+# at INT4, the paper's ordering (AWQ < RTN, the gap largest at INT3). The clip search adds to the scale
+# search. What this does *not* show: the absolute numbers of a 7B model (byte perplexity of Python source,
+# 3.4 M parameters, a 4096-byte evaluation by default), nor GPTQ, which this workbench does not implement.
+#
+# ## 7. The real int4 model: packed weights, `QuantLinear`, an AWQ-format checkpoint
+#
+# The AWQ ("GEMM") layout: `qweight` int32 [in, out/8], `qzeros` int32 [in/G, out/8], `scales` fp16
+# [in/G, out]; eight nibbles per int32 in the interleaved order (0, 2, 4, 6, 1, 3, 5, 7): nibble i holds
+# output column 8c + order[i]. INT4 only (3-bit values would sit in nibbles unchanged).
+
+# %%
+q_demo = torch.arange(16, dtype=torch.uint8).reshape(2, 8)
+word = int(pack_int4(q_demo[:1], "awq")[0, 0]) & 0xFFFFFFFF
+print(f"columns 0..7 holding values 0..7 pack to 0x{word:08X} (nibbles low to high: "
+      f"{[(word >> 4 * i) & 15 for i in range(8)]})")
+assert torch.equal(unpack_int4(pack_int4(q_demo)), q_demo)
+INT4_KEY = (4, min(g for (b, g) in RESULTS if b == 4)) if any(b == 4 for b, _ in RESULTS) else None
+if INT4_KEY is not None:
+    real = apply_awq(copy.deepcopy(model), RESULTS[INT4_KEY]["search"])   # scaled + clipped FP weights
+    fake = apply_awq(copy.deepcopy(model), RESULTS[INT4_KEY]["search"])
+    fake_quantize_linears(fake, *INT4_KEY)
+    quantize_linears(real, *INT4_KEY)                                     # -> packed int4 QuantLinear
+    _small = eval_ids[:1024]                                              # a cheap PPL on 1024 validation bytes
+    _pr, _pf = (sliding_window_nll(m_, _small, window=EVAL_WINDOW, stride=EVAL_WINDOW - 1)["ppl"] for m_ in (real, fake))
+    REAL_VS_FAKE = abs(_pr / _pf - 1)
+    with tempfile.TemporaryDirectory() as d:
+        save_awq_checkpoint(real, Path(d) / "ckpt")
+        size = sum(f.stat().st_size for f in (Path(d) / "ckpt").iterdir())
+        reloaded = load_awq_checkpoint(load_tiny_llama() if MODEL_PATH is None else copy.deepcopy(model),
+                                       Path(d) / "ckpt")
+    with torch.no_grad():
+        CKPT_SAME = bool(torch.equal(reloaded(calib[:2]), real(calib[:2])))
+    n_q = sum(isinstance(m, QuantLinear) for m in real.modules())
+    print(f"INT{INT4_KEY[0]}-g{INT4_KEY[1]} real int4 model: {n_q} QuantLinear; PPL {_pr:.4f} vs fake-quant {_pf:.4f} "
+          f"(relative {REAL_VS_FAKE:.1e}: the stored steps are fp16-rounded); checkpoint {size / 1e6:.2f} MB "
+          f"(FP32 model: {4 * model.num_parameters / 1e6:.1f} MB), reload identical: {CKPT_SAME}")
+
+# %% [markdown]
+# ## 8. The W4A16 kernel: reference check, back-of-envelope, GPU numbers
+#
+# `w4a16_gemm` reads packed int4 tiles, dequantizes them in registers (the "magic number" trick: the fp16
+# bit pattern 0x6400|q *is* 1024+q, so no int→float instruction), multiplies on tensor cores (or CUDA
+# cores for the GEMV variant) with fp32 accumulation, and splits K across programs for small M. First the
+# check against the float32 reference on this model's own packed weights (interpreter on CPU: K=256,
+# N=128, G=64).
+
+# %%
+if RUN_KERNEL_CHECK:
+    from mlsys24.quant.pack import awq_pack
+    from mlsys24.quant.w4a16 import W4A16Config, w4a16_gemm, w4a16_ref
+
+    dev = "cuda" if GPU else "cpu"
+    w_k = named_linears(model)["layers.0.self_attn.q_proj"].weight.detach()[:128].float()   # [N=128, K=256]
+    pk = {k: v.to(dev) for k, v in awq_pack(w_k, 4, 64).items()}
+    KERNEL_ERR = {}
+    for M in (1, 16):
+        for dtype in (torch.float16, torch.float32):
+            x_k = model.embed_tokens(calib[0, :M]).detach().to(dtype).to(dev)     # [M, 256] real activations
+            ref = w4a16_ref(x_k, pk["qweight"], pk["qzeros"], pk["scales"], 128)
+            y = w4a16_gemm(x_k, pk["qweight"], pk["qzeros"], pk["scales"], 128,
+                           config=W4A16Config(block_m=16, block_n=128, block_k=64, split_k=2, num_stages=2))
+            KERNEL_ERR[(M, str(dtype))] = float((y.float() - ref).abs().max())
+    print("max |kernel - reference|:", {f"M={m} {d.removeprefix('torch.')}": f"{e:.1e}" for (m, d), e in KERNEL_ERR.items()})
+
+# %% [markdown]
+# **Back-of-envelope.** A decode-time matmul (M = 1..16 rows) reads each weight once and does 2 FLOPs per
+# weight per row: ~1-16 FLOP/byte at fp16, far below an H100/H200's ridge point (~200-300 FLOP/byte), so
+# time ≈ bytes / bandwidth. INT4 with a G=128 group (fp16 step + 4-bit zero) stores 4 + 20/128 = 4.16 bits
+# per weight: the ideal speed-up over fp16 is 16 / 4.16 = **3.85x**, at any M while the kernel stays
+# memory-bound — *if* the dequantization (shifts, masks, a subtract and a multiply per weight) fits under
+# the memory time. Llama-2-7B's gate/up layer (11008 x 4096): 90.2 MB in fp16 (~21 µs at 4.2 TB/s) vs
+# 23.4 MB in W4A16 (~5.6 µs).
+
+# %%
+from mlsys24.bench import load_results
+from mlsys24.quant.w4a16 import weight_bytes
+
+for (name, (N, K)) in {"qkvo": (4096, 4096), "gate_up": (11008, 4096), "down": (4096, 11008),
+                       "mlp_70b": (28672, 8192)}.items():
+    fp16, w4 = 2 * N * K, weight_bytes(N, K, 128)
+    print(f"{name:8s} [{N} x {K}]: fp16 {fp16 / 1e6:6.1f} MB, W4A16 {w4 / 1e6:6.1f} MB -> ideal {fp16 / w4:.2f}x")
+
+GPU_RES = None
+if BENCH == "auto" and GPU:                         # re-measure live (quick plan) on this GPU
+    import argparse
+
+    from mlsys24.quant import bench as awq_bench
+
+    _root = Path(tempfile.mkdtemp())
+    awq_bench.run(argparse.Namespace(quick=True, out=_root / SLUG, extra=[]))
+    GPU_RES = load_results(SLUG, include_quick=True, root=_root)[0]
+elif BENCH != "skip":                               # the committed results of `python -m mlsys24.bench awq`
+    _files = load_results(SLUG)
+    GPU_RES = _files[0] if _files else None
+if GPU_RES is None:
+    print("no GPU results: run `PYTHONPATH=lib python3 -m mlsys24.bench awq` on a GPU machine")
+else:
+    print(GPU_RES.caption())
+
+# %%
+if GPU_RES is not None:
+    recs = [r for r in GPU_RES.records if r.get("provider") in ("w4a16", "cublas_fp16") and "median_us" in r]
+    shapes = [s for s in ("qkvo", "gate_up", "down") if any(r["shape"] == s for r in recs)]
+    fig = make_subplots(rows=1, cols=len(shapes), subplot_titles=[
+        f"{s} [N={next(r['N'] for r in recs if r['shape'] == s)} x K={next(r['K'] for r in recs if r['shape'] == s)}]"
+        for s in shapes], shared_yaxes=True)
+    for i, s in enumerate(shapes, 1):
+        for prov, label, col in (("cublas_fp16", "cuBLAS fp16 (torch F.linear)", viz.color("cublas")),
+                                 ("w4a16", "ours: Triton W4A16 (tuned)", viz.color("awq"))):
+            pts = sorted((r["M"], r["median_us"]) for r in recs if r["shape"] == s and r["provider"] == prov)
+            fig.add_scatter(x=[p[0] for p in pts], y=[p[1] for p in pts], mode="lines+markers", name=label,
+                            line_color=col, showlegend=i == 1, row=1, col=i)
+        fig.update_xaxes(type="log", title_text="M (rows = batch)", row=1, col=i)
+    viz.apply_template(fig, title="W4A16 vs fp16 matmul latency, Llama-2-7B shapes", width=980, height=460)
+    fig.update_layout(legend=dict(y=1.16))
+    fig.update_yaxes(title_text="median latency (µs)", type="log", row=1, col=1)
+    viz.caption(fig, GPU_RES.caption() + "<br>CUDA graphs, L2 flushed before each call, G=128, fp16 activations; "
+                "ours: the best of the tuned tiles x split-K for each point.")
+    viz.save(fig, SLUG, "kernel_latency")
+    fig.show()
+
+    m1 = [r for r in recs if r["M"] == 1 and r["provider"] == "w4a16"]
+    print(f"{'shape':8s} {'cuBLAS µs':>10} {'W4A16 µs':>9} {'speed-up':>9} {'W4A16 weight GB/s':>18} {'% of copy':>10}")
+    SPEEDUP_M1 = {}
+    for r in m1:
+        cb = next(c for c in recs if c["shape"] == r["shape"] and c["M"] == 1 and c["provider"] == "cublas_fp16")
+        SPEEDUP_M1[r["shape"]] = cb["median_us"] / r["median_us"]
+        print(f"{r['shape']:8s} {cb['median_us']:10.1f} {r['median_us']:9.1f} {SPEEDUP_M1[r['shape']]:8.2f}x "
+              f"{r['weight_GBps']:18.0f} {r.get('pct_copy_bw', float('nan')):9.0f}%")
+    # where the time goes: a straight-line fit of the M=1 latency against the packed bytes
+    xs_b = np.array([r["weight_bytes"] / 1e6 for r in m1])
+    ys_t = np.array([r["median_us"] for r in m1])
+    slope, icpt = np.polyfit(xs_b, ys_t, 1)
+    print(f"M=1 fit: latency ≈ {icpt:.1f} µs + bytes / {1e-3 / slope * 1e3:.2f} TB/s  (copy: "
+          f"{next(r['GBps'] for r in GPU_RES.records if r.get('op') == 'copy') / 1e3:.2f} TB/s)")
+    cand = {}
+    for r in GPU_RES.records:
+        if r.get("provider") == "w4a16" and r.get("M") == 1:
+            for c in r.get("candidates", []):
+                if "median_us" in c:
+                    k = "magic-number dequant" if c["config"]["dequant"] == 2 else "int→float convert"
+                    cand.setdefault(r["shape"], {}).setdefault(k, []).append(c["median_us"])
+    for s, d in cand.items():
+        print(f"  {s}: best " + ", ".join(f"{k} {min(v):.1f} µs" for k, v in d.items()))
+
+# %% [markdown]
+# **Takeaway (honest).** The committed run (device, versions and command in the caption) shows our Triton
+# W4A16 kernel **correct** at every 7B/70B shape (relative error ≤ 2e-3 against the float32 reference,
+# asserted below) but **not faster than cuBLAS fp16** at the Llama-2-7B shapes, and only modestly faster on
+# the 70B-sized layer: far from the 3.85x byte ratio and from TinyChat's 2.6-2.7x end-to-end (speed-ups
+# printed above). The straight-line fit says where the time goes: a large fixed cost per call plus a
+# streaming rate well below the copy rate. Split-K helps (the un-split kernel is several times slower) and
+# the magic-number dequantization beats int→float conversion, but a program moves only a few GB/s. Likely
+# causes, not yet measured: the per-step loads of the scales and zeros (plain loads, not pipelined with the
+# weight tiles, so each K step waits a memory latency) and the eight-fold unrolled loop body. The paper's
+# speed claim is therefore **not reproduced** by this kernel; the accuracy side is (sections 4-6, 9).
+#
+# ## 9. MiniLM: a real pretrained encoder under AWQ vs RTN
+#
+# all-MiniLM-L6-v2 (BERT-style, post-LN, GELU) from its PyPI package. Folds: v→attention-output dense
+# (exact) and GELU→FFN-out (an explicit divide after GELU); the LayerNorm-fed q/k/v and FFN-in get an
+# explicit input scale (x/s), because a post-LN LayerNorm output is also the residual stream — a stated
+# deviation costing one elementwise op per token. Metric: cosine similarity of the mean-pooled sentence
+# embeddings to the FP embeddings, on validation-split docstrings; calibration from train-split docstrings.
+
+# %%
+MINILM = None
+if USE_MINILM:
+    from mlsys24.models import load_minilm
+
+    mm = load_minilm()
+    val_docs = docstrings("validation", MINILM_DOCS, max_chars=400)
+    order = np.argsort([len(t) for t in val_docs])            # length-sorted batches: little padding
+
+    def embed(m) -> torch.Tensor:
+        e = m.embed([val_docs[i] for i in order], batch_size=16)
+        out = torch.empty_like(e)
+        out[torch.as_tensor(order)] = e
+        return out
+
+    ref_emb = embed(mm)
+    ids = []
+    for enc in mm.tokenizer.encode_batch(docstrings("train", 64, max_chars=400)):
+        ids += enc.ids[1:-1]
+    cls, sep = mm.tokenizer.token_to_id("[CLS]"), mm.tokenizer.token_to_id("[SEP]")
+    L = 126
+    mcalib = torch.tensor([[cls] + ids[i * L:(i + 1) * L] + [sep] for i in range(MINILM_CALIB_BLOCKS)])
+    r_mm = copy.deepcopy(mm)
+    fake_quantize_linears(r_mm.encoder, MINILM_BITS, MINILM_GROUP)
+    a_mm = copy.deepcopy(mm)
+    mres = awq_minilm(a_mm.encoder, mcalib, MINILM_BITS, MINILM_GROUP, n_grid=N_GRID, max_shrink=MAX_SHRINK,
+                      clip_tokens=CLIP_TOKENS)
+    fake_quantize_linears(a_mm.encoder, MINILM_BITS, MINILM_GROUP)
+    cos_rtn = (embed(r_mm) * ref_emb).sum(-1)
+    cos_awq = (embed(a_mm) * ref_emb).sum(-1)
+    MINILM = {"rtn": float(cos_rtn.mean()), "awq": float(cos_awq.mean()), "improved": mres.improved_count(),
+              "docs_better": float((cos_awq >= cos_rtn).float().mean())}
+    print(f"MiniLM INT{MINILM_BITS}-g{MINILM_GROUP}, {len(val_docs)} docstrings: mean cosine to FP  RTN "
+          f"{MINILM['rtn']:.4f}  AWQ {MINILM['awq']:.4f}; AWQ >= RTN on {100 * MINILM['docs_better']:.0f}% of docs; "
+          f"alpha* beats alpha=0 in {MINILM['improved'][0]}/{MINILM['improved'][1]} groups")
+    fig = go.Figure()
+    fig.add_histogram(x=cos_rtn.numpy(), name="RTN", marker_color=viz.color("rtn"), opacity=0.7, nbinsx=30)
+    fig.add_histogram(x=cos_awq.numpy(), name="AWQ", marker_color=viz.color("awq"), opacity=0.7, nbinsx=30)
+    viz.apply_template(fig, title=f"MiniLM INT{MINILM_BITS}-g{MINILM_GROUP}: embedding fidelity per docstring",
+                       x="cosine similarity to the FP32 embedding", y="docstrings (count)")
+    fig.update_layout(barmode="overlay")
+    viz.caption(fig, f"{len(val_docs)} validation-split docstrings (≤400 chars); calibration {MINILM_CALIB_BLOCKS}x128 "
+                "tokens of train-split docstrings. No paper number: the paper does not evaluate encoders.")
+    viz.save(fig, SLUG, "minilm_fidelity")
+    fig.show()
+
+# %% [markdown]
+# **Takeaway.** On a real pretrained model AWQ keeps the INT3 sentence embeddings much closer to FP than
+# RTN does, even with two of the four scale groups paying for an explicit input scale. The encoder is not
+# an LLM and the metric is not perplexity: this supports the mechanism, not the paper's numbers.
+#
+# ## 10. Claims
+
+# %%
+r3 = RESULTS.get((3, 64))
+r4 = RESULTS.get((4, 64))
+groups_better, groups_total = RESULTS[KEY]["search"].improved_count()
+print(f"folding max |Δlogit| = {FOLD_ERR:.1e}; alpha=0 == RTN: {ALPHA0_IS_RTN}; "
+      f"alpha* < alpha=0 loss in {groups_better}/{groups_total} groups")
+assert FOLD_ERR < 1e-4                                        # 1. folding is exact in FP
+assert ALPHA0_IS_RTN                                          # 2. alpha = 0 is RTN, bit for bit
+assert groups_better > groups_total / 2                       # 3. the search beats RTN on most groups
+if r3 is not None:                                            # 4. INT3-g64: FP < AWQ < RTN, >= 20 % of the gap back
+    rec3 = (r3["rtn"] - r3["awq"]) / (r3["rtn"] - PPL_FP)
+    print(f"INT3-g64: FP {PPL_FP:.4f} < AWQ {r3['awq']:.4f} < RTN {r3['rtn']:.4f}; recovered {100 * rec3:.0f}%")
+    assert PPL_FP < r3["awq"] < r3["rtn"] and rec3 >= 0.2
+if r4 is not None:                                            # 4b. INT4-g64: AWQ <= 1.01 x RTN
+    print(f"INT4-g64: AWQ {r4['awq']:.4f} vs RTN {r4['rtn']:.4f}")
+    assert r4["awq"] <= 1.01 * r4["rtn"]
+for pct in SALIENT_PCTS:                                      # 5. Table 1: activation-chosen channels win
+    assert T1[(pct, "activation")] <= T1[(pct, "weight")] and T1[(pct, "activation")] <= T1[(pct, "random")]
+    assert T1[(pct, "activation")] < T1["RTN"]
+if MINILM is not None:                                        # 6. MiniLM: AWQ closer to FP than RTN
+    assert MINILM["awq"] >= MINILM["rtn"]
+if INT4_KEY is not None:                                      # 7. real int4 = fake quant (up to fp16 steps); checkpoint
+    assert REAL_VS_FAKE < 5e-3 and CKPT_SAME
+if RUN_KERNEL_CHECK:                                          # 7b. kernel == dequantize + matmul
+    assert all(e <= (1e-3 if "float32" in d else 2e-2) for (m, d), e in KERNEL_ERR.items()), KERNEL_ERR
+if GPU_RES is not None:                                       # 8. GPU: what this run can honestly assert
+    w4 = [r for r in GPU_RES.records if r.get("provider") == "w4a16" and "median_us" in r]
+    assert all(r["rel_err"] <= 2e-3 for r in w4)              #    correct at 7B/70B shapes
+    print("GPU (from " + GPU_RES.caption() + "):")
+    print("  paper claim 'W4A16 >= 3x cuBLAS fp16 at M=1' NOT reproduced: speed-ups "
+          + ", ".join(f"{k} {v:.2f}x" for k, v in SPEEDUP_M1.items()))
+    for shape in sorted({r["shape"] for r in w4}):
+        faster = [r["M"] for r in sorted(w4, key=lambda r: r["M"]) if r["shape"] == shape
+                  and r.get("speedup_vs_cublas", 0) > 1]
+        print(f"  {shape}: W4A16 faster than fp16 at M = {faster or 'none measured'}")
+else:
+    print("GPU claims skipped: run `PYTHONPATH=lib python3 -m mlsys24.bench awq` on a GPU machine")
+print(f"notebook ran in {time.time() - T_START:.0f} s")
+
+# %% [markdown]
+# ## 11. Explore
+#
+# Pick a bit width / group size, a scale group and α: the curve is the calibration loss of that group
+# over the α grid (the search's objective), the marker the chosen α*; the right panel shows the per-channel
+# scale s = s_X^α against the activation magnitude s_X (everything precomputed above).
+
+# %%
+# NBVAL_IGNORE_OUTPUT
+if INTERACTIVE:
+    import ipywidgets as W
+    from IPython.display import display
+
+    cfg_opts = [(f"INT{b}-g{g}", (b, g)) for (b, g) in RESULTS]
+    w_cfg = W.Dropdown(options=cfg_opts, description="format")
+    w_grp = W.Dropdown(options=[s.group.name for s in RESULTS[cfg_opts[0][1]]["search"].searches],
+                       description="group", layout=W.Layout(width="340px"))
+    w_alpha = W.FloatSlider(value=0.5, min=0.0, max=(N_GRID - 1) / N_GRID, step=1 / N_GRID, description="α")
+    w_out = W.Output()
+    figw = go.FigureWidget(make_subplots(rows=1, cols=2, subplot_titles=("calibration loss vs α",
+                                                                        "scale s vs activation magnitude")))
+    figw.add_scatter(mode="lines+markers", name="loss(α)", row=1, col=1, line_color=viz.color("awq"))
+    figw.add_scatter(mode="markers", name="α*", marker=dict(size=14, symbol="star", color="black"), row=1, col=1)
+    figw.add_scatter(mode="markers", name="selected α", marker=dict(size=11, color="#1f77b4"), row=1, col=1)
+    figw.add_scatter(mode="markers", name="channels", marker=dict(size=4, color=viz.color("awq")), row=1, col=2)
+    viz.apply_template(figw, width=980, height=420)
+    figw.update_xaxes(title_text="α", row=1, col=1)
+    figw.update_yaxes(title_text="MSE of the inspected module's output", type="log", row=1, col=1)
+    figw.update_xaxes(title_text="s_X = mean |x| of the channel", type="log", row=1, col=2)
+    figw.update_yaxes(title_text="scale s", type="log", row=1, col=2)
+
+    def _update(*_):
+        res = RESULTS[w_cfg.value]["search"]
+        s = next(x for x in res.searches if x.group.name == w_grp.value)
+        i_sel = min(range(len(s.alphas)), key=lambda i: abs(s.alphas[i] - w_alpha.value))
+        with figw.batch_update():
+            figw.data[0].x, figw.data[0].y = s.alphas, s.losses
+            figw.data[1].x, figw.data[1].y = [s.best_alpha], [s.losses[s.alphas.index(s.best_alpha)]]
+            figw.data[2].x, figw.data[2].y = [s.alphas[i_sel]], [s.losses[i_sel]]
+            figw.data[3].x = s.x_mean.numpy()
+            figw.data[3].y = scales_for_alpha(s.x_mean, s.alphas[i_sel]).numpy()
+        r = RESULTS[w_cfg.value]
+        with w_out:
+            w_out.clear_output()
+            print(f"{w_cfg.label}: FP {PPL_FP:.4f}  RTN {r['rtn']:.4f}  AWQ {r['awq']:.4f};  {w_grp.value}: "
+                  f"α* = {s.best_alpha:.2f}, loss at α = {s.alphas[i_sel]:.2f}: {s.losses[i_sel]:.3e} "
+                  f"(α = 0: {s.losses[0]:.3e})")
+
+    for w_ in (w_cfg, w_grp, w_alpha):
+        w_.observe(_update, names="value")
+    _update()
+    display(W.VBox([W.HBox([w_cfg, w_grp, w_alpha]), w_out, figw]))
+
+# %% [markdown]
+# ## 12. Going further
+#
+# - Full-size CPU run (16,384 evaluation bytes, 16 x 256 calibration bytes, Table 1 at 0.1/1/3 %):
+#   `papermill notebooks/07_awq.ipynb runs/07_awq_full.ipynb -p EVAL_TOKENS 16384 -p CALIB_SEQLEN 256
+#   -p LOSS_ROWS 16 -p SALIENT_PCTS "[0.1, 1.0, 3.0]" -p RANDOM_SEEDS 3 -p INTERACTIVE False`
+# - A real model on a GPU: `papermill ... -p MODEL_PATH /path/to/Llama-2-7b-hf -p DEVICE cuda
+#   -p EVAL_TEXT_PATH wikitext2_test.txt -p EVAL_WINDOW 2048 -p EVAL_TOKENS 400000 -p CALIB_SEQLEN 512
+#   -p CALIB_BLOCKS 128 -p USE_MINILM False` (the paper's protocol, with your own copy of the text).
+# - The kernel: `PYTHONPATH=lib python3 -m mlsys24.bench awq` (writes `data/results/awq/<gpu>.json`).
+#
+# Questions for a workshop:
+# 1. Why does AWQ search α on the *output of the whole attention/MLP* rather than of each linear? What
+#    changes if you inspect each linear alone (try `inspect_fn` returning the linear)?
+# 2. The paper protects ~1 % of channels; the search scales *all* channels continuously. Plot the searched
+#    s against s_X (Explore) — is it close to "1 % scaled, 99 % untouched"?
+# 3. Folding into a post-LN LayerNorm is not exact (MiniLM). Prove it, then measure the cost of the
+#    explicit input scale we use instead.
+# 4. Our kernel's fixed cost per call and low streaming rate (the fit in section 8): design a measurement
+#    that separates the scale/zero load latency from instruction fetch. What would you change first (hint: load a whole group's scales once
+#    per group, pipelined with the weights)?

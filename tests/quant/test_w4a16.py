@@ -1,0 +1,94 @@
+"""Triton W4A16 GEMM/GEMV (AWQ layout) vs the float32 dequantize-then-matmul reference.
+
+On CPU this runs under TRITON_INTERPRET=1 (tests/conftest.py): dims <= 130, few programs.
+"""
+
+import pytest
+import torch
+
+from mlsys24.quant.pack import awq_pack
+from mlsys24.quant.w4a16 import W4A16Config, default_config, w4a16_gemm, w4a16_ref, weight_bytes
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+# relative to max |ref|: fp16 rounds the dequantized weight and the output (2^-11), bf16 (2^-8);
+# fp32 uses exact fp32 products (input_precision="ieee") and only reorders the sums.
+TOL = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2, torch.float32: 1e-5}
+
+
+def _case(M, N, K, G, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(N, K, generator=g)
+    p = {k: v.to(DEV) for k, v in awq_pack(w, 4, G).items()}
+    x = torch.randn(M, K, generator=g).to(dtype).to(DEV)
+    return x, p
+
+
+def _check(y, x, p, N):
+    ref = w4a16_ref(x, p["qweight"], p["qzeros"], p["scales"], N)
+    assert y.shape == ref.shape and y.dtype == x.dtype
+    err = ((y.float() - ref).abs().max() / ref.abs().max().clamp_min(1.0)).item()
+    assert err <= TOL[x.dtype], f"relative error {err:.3g}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("M,N,K,G", [(1, 128, 256, 64), (7, 83, 127, 64), (17, 130, 128, 128), (83, 8, 130, 128)])
+@pytest.mark.parametrize("split_k", [1, 2])
+def test_gemm_tensor_core_path(dtype, M, N, K, G, split_k):
+    x, p = _case(M, N, K, G, dtype)
+    cfg = W4A16Config(block_m=16, block_n=128, block_k=64, split_k=split_k, use_dot=True, num_stages=2)
+    _check(w4a16_gemm(x, p["qweight"], p["qzeros"], p["scales"], N, config=cfg), x, p, N)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dequant", [0, 1])
+def test_dequant_variants_and_atomic_output(dtype, dequant):
+    # 0: int -> float conversion, 1: via fp32 (2, the magic-number default, runs in every other test);
+    # atomic_out: split-K partial sums added in the output dtype
+    x, p = _case(5, 72, 256, 128, dtype, seed=3)
+    cfg = W4A16Config(block_m=16, block_n=256, block_k=64, split_k=4, dequant=dequant, atomic_out=True,
+                      num_stages=2)
+    _check(w4a16_gemm(x, p["qweight"], p["qzeros"], p["scales"], 72, config=cfg), x, p, 72)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("M,N,K,G,split_k", [(1, 127, 128, 64, 1), (1, 64, 130, 64, 3), (2, 24, 64, 64, 2)])
+def test_gemv_path(dtype, M, N, K, G, split_k):
+    x, p = _case(M, N, K, G, dtype, seed=1)
+    cfg = W4A16Config(block_m=1, block_n=64, block_k=32, split_k=split_k, use_dot=False, num_stages=1)
+    _check(w4a16_gemm(x, p["qweight"], p["qzeros"], p["scales"], N, config=cfg), x, p, N)
+
+
+def test_fp32_exact_and_noncontiguous_input():
+    # x as a strided view (every other column of a wider tensor) and with a leading batch dim
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(83, 64, generator=g)
+    p = {k: v.to(DEV) for k, v in awq_pack(w, 4, 64).items()}
+    wide = torch.randn(2, 3, 128, generator=g).to(DEV)
+    x = wide[..., ::2]
+    assert not x.is_contiguous()
+    y = w4a16_gemm(x, p["qweight"], p["qzeros"], p["scales"], 83,
+                   config=W4A16Config(block_m=16, block_n=128, block_k=64, split_k=1, num_stages=2))
+    assert y.shape == (2, 3, 83)
+    _check(y.reshape(6, 83), x.reshape(6, 64), p, 83)
+    bias = torch.randn(83).to(DEV)
+    yb = w4a16_gemm(x, p["qweight"], p["qzeros"], p["scales"], 83, bias=bias,
+                    config=W4A16Config(block_m=16, block_n=128, block_k=64, num_stages=2))
+    assert torch.allclose(yb, y + bias, atol=1e-5)
+
+
+def test_default_config_and_bytes():
+    cfg = default_config(1, 11008, 4096, 128)
+    assert cfg.split_k == 8 and not cfg.use_dot and 128 % cfg.block_k == 0      # the H200 tuning's pick
+    big = default_config(1, 28672, 8192, 128)
+    assert big.use_dot and big.split_k == 4 and big.block_n == 256
+    assert default_config(2048, 4096, 4096, 128).split_k == 1
+    # 4 bits + an fp16 scale and a 4-bit zero per 128 weights = 4.156 bits per weight
+    assert weight_bytes(4096, 4096, 128) * 8 / (4096 * 4096) == pytest.approx(4 + 20 / 128)
+
+
+def test_bad_config_rejected():
+    x, p = _case(1, 64, 128, 64, torch.float16)
+    with pytest.raises(ValueError, match="block_k"):
+        w4a16_gemm(x, p["qweight"], p["qzeros"], p["scales"], 64, config=W4A16Config(block_k=48))
+    with pytest.raises(ValueError, match="use_dot"):
+        w4a16_gemm(x, p["qweight"], p["qzeros"], p["scales"], 64, config=W4A16Config(block_m=16, block_n=64))
