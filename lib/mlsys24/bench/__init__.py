@@ -13,10 +13,10 @@ from .env import device_name, device_slug, environment
 from .registry import BENCHMARKS
 from .results import ResultFile, latest_results, load_results, save_results
 from .roofline import PEAKS, DevicePeaks, attainable_seconds, device_peaks, roofline
-from .timing import Timing, measure
+from .timing import CUDAGraphed, Timing, measure
 
 __all__ = [
-    "BENCHMARKS", "PEAKS", "DevicePeaks", "ResultFile", "Timing", "attainable_seconds", "device_name",
+    "BENCHMARKS", "CUDAGraphed", "PEAKS", "DevicePeaks", "ResultFile", "Timing", "attainable_seconds", "device_name",
     "device_peaks", "device_slug", "environment", "latest_results", "load_results", "measure", "roofline",
     "save_results",
 ]

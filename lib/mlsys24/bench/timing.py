@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-__all__ = ["Timing", "measure", "l2_flush_bytes"]
+__all__ = ["Timing", "measure", "l2_flush_bytes", "CUDAGraphed"]
 
 
 @dataclass(frozen=True)
@@ -144,3 +144,26 @@ def _measure_cuda(fn, warmup, repeats, flush_l2, dev, min_time_s, max_repeats) -
             if min_time_s is not None and len(times) == target and sum(times) < min_time_s:
                 target = min(max_repeats, max(target + 1, int(target * min_time_s / max(sum(times), 1e-9))))
         return _summarize(times, torch.cuda.get_device_name(dev))
+
+
+class CUDAGraphed:
+    """``fn`` captured in a CUDA graph after two warm-up calls on a side stream.
+
+    ``measure(g.replay)`` then times the device work alone, without the host's launch cost (as in
+    a serving engine's captured decode step). ``out`` is the captured call's output tensor(s).
+    """
+
+    def __init__(self, fn: Callable[[], object]):
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            for _ in range(2):
+                fn()
+        torch.cuda.current_stream().wait_stream(s)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.out = fn()
+        torch.cuda.synchronize()
+
+    def replay(self) -> None:
+        self.graph.replay()

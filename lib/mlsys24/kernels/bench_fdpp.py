@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..bench import measure, roofline, save_results
+from ..bench import CUDAGraphed, measure, roofline, save_results
 from ..bench.env import device_name, device_slug
 from . import dispatch as dsp
 from . import flat_gemm as fg
@@ -90,23 +90,7 @@ def _sms() -> int:
     return torch.cuda.get_device_properties(0).multi_processor_count if DEV == "cuda" else 4
 
 
-class _Graphed:
-    """A CUDA graph of ``fn`` (warmed up on a side stream first); ``.replay`` is what we time."""
-
-    def __init__(self, fn):
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            for _ in range(2):
-                fn()
-        torch.cuda.current_stream().wait_stream(s)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.out = fn()
-        torch.cuda.synchronize()
-
-    def replay(self):
-        self.graph.replay()
+_Graphed = CUDAGraphed  # the harness's graph capture, timed by replay
 
 
 def _time(fn, repeats: int, graph: bool = True):

@@ -35,7 +35,7 @@ import time
 import numpy as np
 import torch
 
-from ..bench import device_peaks, measure, roofline, save_results
+from ..bench import CUDAGraphed, device_peaks, measure, roofline, save_results
 from ..models import preset, random_llama
 from ..serving.lora import AdapterWeights, attach_lora
 from ..serving.scheduler import SchedulerConfig
@@ -77,26 +77,12 @@ def _batch(bs, popularity):
     return indptr, seg_slot, rows
 
 
-def _graph_of(fn):
-    """``fn`` captured in a CUDA graph (warmed up on a side stream first)."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    return g
-
-
 def _time(fn, device, repeats: int, mode: str, warmup: int = 3):
     """Median timing of ``fn``: ``eager`` = as called from Python (host launch cost included when it
     exceeds the GPU work), ``graph`` = replayed from a CUDA graph (the device time, as in a serving
     engine's captured decode step)."""
     if mode == "graph":
-        g = _graph_of(fn)
+        g = CUDAGraphed(fn)
         t = measure(g.replay, warmup=warmup, repeats=repeats, device=device)
         del g
         return t

@@ -26,7 +26,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from ..bench import measure, roofline, save_results
+from ..bench import CUDAGraphed, measure, roofline, save_results
 from ..bench.env import device_name
 from .pack import awq_pack
 from .w4a16 import W4A16Config, w4a16_gemm, w4a16_ref, weight_bytes
@@ -64,23 +64,7 @@ def _candidates(M: int, gpu: bool) -> list[W4A16Config]:
             for bm, bn, bk, dot, w, s, d in base]
 
 
-class _Graphed:
-    """``fn`` captured in a CUDA graph (after warm-up on a side stream); ``replay`` is timed."""
-
-    def __init__(self, fn):
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            for _ in range(2):
-                fn()
-        torch.cuda.current_stream().wait_stream(s)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.out = fn()
-        torch.cuda.synchronize()
-
-    def replay(self):
-        self.graph.replay()
+_Graphed = CUDAGraphed  # the harness's graph capture, timed by replay
 
 
 def _time(fn, repeats: int, gpu: bool):
