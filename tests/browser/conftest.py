@@ -211,6 +211,9 @@ def lab_server(tmp_path_factory, chromium_path, screenshots_dir):
         f"--ServerApp.root_dir={NOTEBOOKS_DIR}", "--ServerApp.terminals_enabled=False",
         "--ServerApp.shutdown_no_activity_timeout=900",  # last resort if teardown never ran
         "--LabApp.news_url=None", "--LabApp.extension_manager=readonly",
+        # Plain contents manager: jupytext's would read a paired .py that a fresh checkout left newer
+        # than its .ipynb and re-sync on open; the test must see the committed .ipynb as it is.
+        "--ServerApp.jpserver_extensions=jupyterlab_jupytext=False",
         "--LabApp.expose_app_in_browser=True",  # window.jupyterapp: the test reads the kernel's state
         "--LabApp.check_for_updates_class=jupyterlab.handlers.announcements.NeverCheckForUpdate",
     ]
