@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -17,8 +19,10 @@ from pathlib import Path
 
 from .papers import PAPERS, paper
 from .paths import NOTEBOOKS_DIR, RUNS_DIR
+from .viz import PNG_QUEUE_ENV, chromium_path
 
 INDEX = "00_index.ipynb"
+PNG_TIMEOUT_S = 600
 
 
 def _select(keys: list[str] | None) -> list[Path]:
@@ -64,7 +68,28 @@ def _load_params(path: str | None) -> dict:
     return data
 
 
-def run_notebook(nb: Path, out_dir: Path, params: dict, timeout: int, env: dict) -> tuple[bool, float, str]:
+def _run(cmd: list[str], env: dict, wall_timeout: float) -> tuple[int | None, str]:
+    """Run ``cmd`` in its own process group; on ``wall_timeout`` kill the whole group (papermill,
+    its kernel and anything they started) and return ``(None, log)``."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=wall_timeout)
+        return proc.returncode, out or ""
+    except subprocess.TimeoutExpired:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        out, _ = proc.communicate()
+        return None, (out or "") + f"\n[reproduce] killed after {wall_timeout:.0f} s wall-clock\n"
+
+
+def run_notebook(nb: Path, out_dir: Path, params: dict, timeout: int, env: dict,
+                 wall_timeout: float) -> tuple[bool, float, str]:
+    """Execute one notebook with papermill; a run that exceeds ``wall_timeout`` is killed and tried
+    once more (the log says so). Figures queued for PNG (``MLSYS24_PNG=defer``) are rendered after
+    the notebook, in a separate process with its own time limit."""
     import yaml
     out = out_dir / nb.name
     cmd = [sys.executable, "-m", "papermill", str(nb), str(out), "-k", "python3", "--cwd", str(nb.parent),
@@ -74,14 +99,34 @@ def run_notebook(nb: Path, out_dir: Path, params: dict, timeout: int, env: dict)
         pfile = out_dir / f".{nb.stem}.params.yaml"
         pfile.write_text(yaml.safe_dump(params))
         cmd += ["-f", str(pfile)]
+    queue = None
+    if env.get("MLSYS24_PNG") == "defer":
+        queue = out_dir / "png-queue" / nb.stem
+        shutil.rmtree(queue, ignore_errors=True)
+        env = {**env, PNG_QUEUE_ENV: str(queue)}
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    log = ""
+    for attempt in (1, 2):
+        rc, text = _run(cmd, env, wall_timeout)
+        log += text
+        if rc is not None:
+            break
+        log += f"[reproduce] {nb.name}: no result after {wall_timeout:.0f} s (attempt {attempt})\n"
+    ok = rc == 0
+    if ok and queue is not None and queue.exists():
+        for _attempt in (1, 2):
+            prc, text = _run([sys.executable, "-m", "mlsys24.viz", "render", str(queue)], env, PNG_TIMEOUT_S)
+            log += text
+            if prc == 0:
+                break
+        ok = prc == 0
+        if not ok:
+            log += f"[reproduce] {nb.name}: PNG export failed (queued figures left in {queue})\n"
     dt = time.perf_counter() - t0
-    log = (proc.stdout or "") + (proc.stderr or "")
     (out_dir / f"{nb.stem}.log").write_text(log)
     if pfile is not None:
         pfile.unlink(missing_ok=True)
-    return proc.returncode == 0, dt, log
+    return ok, dt, log
 
 
 def _last_error(log: str) -> str:
@@ -100,6 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--params", help="YAML file of papermill parameters (global or per paper)")
     ap.add_argument("--out", type=Path, default=RUNS_DIR, help="where executed notebooks go (default runs/)")
     ap.add_argument("--timeout", type=int, default=3600, help="per-cell timeout in seconds")
+    ap.add_argument("--notebook-timeout", type=float, default=3 * 3600,
+                    help="wall-clock limit per notebook in seconds; a run past it is killed and tried once more")
     ap.add_argument("--figures", action="store_true", help="require PNG export of every figure (needs Chromium)")
     args = ap.parse_args(argv)
 
@@ -109,7 +156,15 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
     env.setdefault("PYTHONHASHSEED", "0")
-    env["MLSYS24_PNG"] = "require" if args.figures else env.get("MLSYS24_PNG", "auto")
+    if args.notebook_timeout <= 0:
+        raise SystemExit(f"--notebook-timeout {args.notebook_timeout}: expected a positive number of seconds")
+    browser = chromium_path()
+    if args.figures and browser is None:
+        raise SystemExit("--figures: PNG export needs Chrome/Chromium for kaleido (apt-get install chromium)")
+    # PNGs are rendered after each notebook in their own process (see run_notebook): with --figures
+    # always, otherwise where a browser exists, unless MLSYS24_PNG says otherwise.
+    default_png = "defer" if (args.figures or browser is not None) else "0"
+    env["MLSYS24_PNG"] = "defer" if args.figures else env.get("MLSYS24_PNG", default_png)
     try:
         import torch
         if not torch.cuda.is_available():
@@ -120,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for nb in notebooks:
         print(f"[reproduce] {nb.name} ...", flush=True)
-        ok, dt, log = run_notebook(nb, args.out, _params_for(nb, params), args.timeout, env)
+        ok, dt, log = run_notebook(nb, args.out, _params_for(nb, params), args.timeout, env, args.notebook_timeout)
         rows.append((nb.stem, ok, dt, "" if ok else _last_error(log)))
         print(f"[reproduce] {nb.name}: {'PASS' if ok else 'FAIL'} in {dt:.1f} s", flush=True)
 

@@ -11,12 +11,14 @@ Only notebooks and figure scripts import this module: the library itself never i
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
+import plotly
 import plotly.graph_objects as go
 import plotly.io as pio
 
@@ -106,24 +108,31 @@ def chromium_path() -> str | None:
 
 
 _KALEIDO_SERVER = False
+PNG_QUEUE_ENV = "MLSYS24_PNG_QUEUE"
 
 
-def _png_wanted(png: bool | None, browser: str | None) -> bool:
+def _png_mode(png: bool | None, browser: str | None) -> str:
+    """``off`` | ``inline`` (render now, in this process) | ``defer`` (queue for ``render_pending``)."""
     if png is not None:
-        return png
+        return "inline" if png else "off"
     mode = os.environ.get("MLSYS24_PNG", "0").lower()
+    if mode == "defer":
+        return "defer" if os.environ.get(PNG_QUEUE_ENV) else "off"
     if mode == "require":
-        return True
-    return mode in ("1", "auto") and browser is not None
+        return "inline"
+    return "inline" if mode in ("1", "auto") and browser is not None else "off"
 
 
 def save(fig: go.Figure, paper: str, name: str, *, png: bool | None = None, scale: float = 2.0) -> list[Path]:
     """Write ``figures/<paper>/<name>.html`` and, when asked, ``.png``.
 
-    png: True = required (raises without Chromium); False = HTML only; None (default) = decided by
-    the environment variable ``MLSYS24_PNG``: ``require`` (``make figures``), ``auto`` (``make
-    reproduce``: when Chromium exists), unset/0 (interactive use and the test suite: HTML only,
-    since each PNG costs a headless-browser render). Returns the paths written.
+    png: True = required now (raises without Chromium); False = HTML only; None (default) =
+    decided by the environment variable ``MLSYS24_PNG``: ``defer`` (``make figures``/``make
+    reproduce``: the figure is queued as JSON in ``$MLSYS24_PNG_QUEUE`` and rendered after the
+    notebook by ``python -m mlsys24.viz render`` in its own process, so a stuck headless browser
+    can never stall a notebook kernel), ``require``/``auto`` (render in this process; ``auto`` only
+    when Chromium exists), unset/0 (interactive use and the test suite: HTML only). Returns the
+    paths written (a deferred PNG is not among them until rendered).
     """
     global _KALEIDO_SERVER
     if not name or "/" in name:
@@ -135,7 +144,16 @@ def save(fig: go.Figure, paper: str, name: str, *, png: bool | None = None, scal
                    config={"displaylogo": False})
     written = [html]
     browser = chromium_path()
-    if _png_wanted(png, browser):
+    mode = _png_mode(png, browser)
+    out = d / f"{name}.png"
+    width, height = fig.layout.width or 760, fig.layout.height or 420
+    if mode == "defer":
+        queue = Path(os.environ[PNG_QUEUE_ENV])
+        queue.mkdir(parents=True, exist_ok=True)
+        job = {"figure": fig.to_plotly_json(), "out": str(out.resolve()), "width": width, "height": height,
+               "scale": scale}
+        (queue / f"{paper}--{name}.json").write_text(json.dumps(job, cls=plotly.utils.PlotlyJSONEncoder))
+    elif mode == "inline":
         if browser is None:
             raise RuntimeError("save: PNG export needs Chrome/Chromium for kaleido (apt-get install chromium)")
         os.environ.setdefault("BROWSER_PATH", browser)
@@ -147,10 +165,48 @@ def save(fig: go.Figure, paper: str, name: str, *, png: bool | None = None, scal
                 _KALEIDO_SERVER = True
             except Exception:
                 pass
-        out = d / f"{name}.png"
         with warnings.catch_warnings():  # plotly passes browser options the shared server ignores
             warnings.filterwarnings("ignore", message="The kopts argument is ignored")
-            fig.write_image(out, format="png", scale=scale, width=fig.layout.width or 760,
-                            height=fig.layout.height or 420)
+            fig.write_image(out, format="png", scale=scale, width=width, height=height)
         written.append(out)
     return written
+
+
+def render_pending(queue: Path) -> list[Path]:
+    """Render every figure queued by ``save`` in ``queue`` to PNG with one headless browser; the
+    queue entries are removed once their PNG exists. Returns the PNGs written."""
+    browser = chromium_path()
+    if browser is None:
+        raise RuntimeError("render_pending: PNG export needs Chrome/Chromium for kaleido (apt-get install chromium)")
+    os.environ.setdefault("BROWSER_PATH", browser)
+    jobs = sorted(Path(queue).glob("*.json"))
+    if not jobs:
+        return []
+    specs = [json.loads(j.read_text()) for j in jobs]
+    figs = [go.Figure(s["figure"]) for s in specs]
+    outs = [Path(s["out"]) for s in specs]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The kopts argument is ignored")
+        pio.write_images(figs, outs, format="png", scale=[s["scale"] for s in specs],
+                         width=[s["width"] for s in specs], height=[s["height"] for s in specs])
+    for j, o in zip(jobs, outs):
+        if o.exists():
+            j.unlink()
+    return outs
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m mlsys24.viz", description="Render queued figures to PNG.")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("render", help="render the figures queued by viz.save (MLSYS24_PNG=defer) to PNG")
+    r.add_argument("queue", type=Path, help="the queue directory ($MLSYS24_PNG_QUEUE)")
+    args = ap.parse_args(argv)
+    outs = render_pending(args.queue)
+    print(f"rendered {len(outs)} PNG(s)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
