@@ -495,15 +495,40 @@ for p, c in grids:
 
 # multi-GPU timings, when the NCCL run has been made (python -m mlsys24.graph.bench --dist)
 dist_files = [r for r in load_results(SLUG) if r.config.get("kind") == "dist"]
+dist_gpu = {}
 if dist_files:
     dres = dist_files[0]
     print(f"\n1.5D on GPUs — {dres.caption()}")
     keys = sorted({(r["sampler"], r["p"], r["c"], r["sparsity_aware"]) for r in dres.records})
     for sampler, p, c, sa in keys:
         rs = dres.where(sampler=sampler, p=p, c=c, sparsity_aware=sa)
+        dist_gpu[sampler, p, c, sa] = dict(time_ms=max(r["time_s"] for r in rs) * 1e3,
+                                           recv_mb=sum(r["bytes_recv"] for r in rs) / len(rs) / 1e6,
+                                           features_ok=all(r["features_ok"] is not False for r in rs))
         print(f"  {sampler:6s} p={p} c={c} {'sparsity-aware' if sa else 'broadcast':14s} "
-              f"max time {max(r['time_s'] for r in rs) * 1e3:8.2f} ms, "
-              f"mean recv {sum(r['bytes_recv'] for r in rs) / len(rs) / 1e6:8.2f} MB per process")
+              f"max time {dist_gpu[sampler, p, c, sa]['time_ms']:8.2f} ms, "
+              f"mean recv {dist_gpu[sampler, p, c, sa]['recv_mb']:8.2f} MB per process")
+    fig4b = make_subplots(rows=1, cols=2, subplot_titles=("bulk sampling call (slowest process)",
+                                                          "received per process"))
+    for sampler in ("sage", "ladies"):
+        for sa in (False, True):
+            pts = sorted((p, v) for (s_, p, c, sa_), v in dist_gpu.items() if s_ == sampler and sa_ == sa and c == 1)
+            name = f"{'SAGE' if sampler == 'sage' else 'LADIES'} {'sparsity-aware' if sa else 'broadcast'}"
+            style = dict(color=viz.color("matrix" if sampler == "sage" else "ladies"), dash="dot" if sa else "solid")
+            fig4b.add_scatter(x=[p for p, _ in pts], y=[v["time_ms"] for _, v in pts], mode="lines+markers",
+                              name=name, line=style, legendgroup=name, row=1, col=1)
+            fig4b.add_scatter(x=[p for p, _ in pts], y=[v["recv_mb"] for _, v in pts], mode="lines+markers",
+                              name=name, line=style, legendgroup=name, showlegend=False, row=1, col=2)
+    viz.apply_template(fig4b, title=f"1.5D bulk sampling on {dres.meta.get('device')} GPUs (NCCL, c = 1)")
+    fig4b.update_xaxes(title_text="GPUs p", dtick=1)
+    fig4b.update_yaxes(title_text="ms per bulk call", type="log", row=1, col=1)
+    fig4b.update_yaxes(title_text="MB", row=1, col=2)
+    viz.caption(fig4b, wrap(f"Ours: R-MAT scale {dres.config['scale']}, {dres.config['n_batches']} minibatches of "
+                            f"{dres.config['batch_size']} in bulk, fanouts {dres.config['fanouts']}, LADIES "
+                            f"{dres.config['ladies']}. The paper scales to 128 A100s on ogbn-papers100M (its per-GPU "
+                            f"sampling times are not given numerically). {dres.caption()}"))
+    viz.save(fig4b, SLUG, "dist_gpu_scaling")
+    fig4b.show()
 else:
     print("\nmulti-GPU scaling: no data/results/gnn_matrix_sampling/<gpu>.dist.json yet "
           "(PYTHONPATH=lib python3 -m mlsys24.graph.bench --dist on 2-4 GPUs)")
@@ -518,7 +543,10 @@ else:
 # bulk on a small graph, outgrows A — its partial products are even disjoint, so that reduction is
 # pure overhead here. The sparsity-aware variant ships only the rows a requester needs and cuts the A
 # traffic several-fold. No CPU times are shown: four processes on two shared cores say nothing about
-# GPU scaling, which the NCCL run (`--dist`) measures.
+# GPU scaling, which the NCCL run (`--dist`) measures. In the committed two-GPU run, bulk GraphSAGE
+# (frontiers of k·b rows, real work per process) roughly halves its time from one GPU to two, while
+# bulk LADIES (k rows per product, milliseconds of work) is slower on two: the broadcast of A's block
+# costs more than the work it splits — scaling pays once each process has enough minibatches.
 
 # %% [markdown]
 # ## 7. Training GraphSAGE on matrix-sampled minibatches
@@ -552,6 +580,18 @@ print({s: round(a, 4) for s, a in acc.items()})
 # ## 8. Claims
 
 # %%
+# multi-GPU (from the committed NCCL run): the distributed sample's feature fetch returned exactly the
+# owners' rows, and bulk GraphSAGE sampling strong-scales from 1 to 2 GPUs (>= 1.5x on the slowest process)
+if dist_gpu:
+    assert all(v["features_ok"] for v in dist_gpu.values())
+    for sa in (False, True):
+        t1, t2 = dist_gpu["sage", 1, 1, sa]["time_ms"], dist_gpu["sage", 2, 1, sa]["time_ms"]
+        assert t1 / t2 >= 1.5, (sa, t1, t2)
+        print(f"GPU 1.5D SAGE ({'sparsity-aware' if sa else 'broadcast'}): {t1 / t2:.2f}x from 1 to 2 GPUs (>= 1.5x asserted)")
+    l1, l2 = dist_gpu["ladies", 1, 1, False]["time_ms"], dist_gpu["ladies", 2, 1, False]["time_ms"]
+    if l2 >= l1:
+        print(f"NOT REPRODUCED: 1.5D LADIES does not scale at this size ({l1:.1f} ms on 1 GPU, {l2:.1f} ms on 2): "
+              "its k x n products are small and the broadcast of A's block dominates")
 # CPU timing claim (medians, 1 thread): bulk GraphSAGE at the largest k is faster per minibatch than the loop
 if k_max >= 8:
     assert ms["matrix SAGE", k_max] * 1.5 < ms["loop SAGE", 1], (ms["matrix SAGE", k_max], ms["loop SAGE", 1])

@@ -196,7 +196,7 @@ def run_dist(args) -> Path:
     if world < 2:
         raise SystemExit(f"run_dist needs >= 2 GPUs, found {world}")
     if "--scale" not in (getattr(args, "extra", None) or []) and not cfg["quick"]:
-        cfg["scale"] = min(cfg["scale"], 20)          # every process builds the graph: 1M vertices by default
+        cfg["scale"] = min(cfg["scale"], 18)  # every process builds the graph; the (1, 1) grid holds all k products
     grids = _grids(cfg.get("grids"), world)
     wcfg = dict(scale=cfg["scale"], edge_factor=cfg["edge_factor"], graph_seed=cfg["seed"], batch_size=cfg["batch_size"],
                 n_batches=cfg["n_batches"], fanouts=tuple(cfg["fanouts"]), ladies_sizes=tuple(cfg["ladies"]),
