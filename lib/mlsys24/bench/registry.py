@@ -19,6 +19,9 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "flashdecoding_pp": ("mlsys24.kernels.bench_fdpp:run",
                          "FlashDecoding++: split-KV decode attention sync vs async, flat GEMM/GEMV vs cuBLAS, "
                          "GEMM dispatcher (~2 min on an H100)"),
+    "flashdecoding_pp_e2e": ("mlsys24.serving.bench_fdpp:run",
+                             "FlashDecoding++ end to end: Llama-2-7B-shaped decode in the serving engine, plain "
+                             "PyTorch / SDPA / FlashDecoding / FlashDecoding++ kernels + GEMM dispatcher"),
     "gnn_matrix_sampling": ("mlsys24.graph.bench:run",
                             "bulk matrix GraphSAGE/LADIES sampling vs per-minibatch loop (and PyG where its fast "
                             "path imports) vs bulk size k, 1 GPU"),

@@ -27,7 +27,9 @@ class StaticDecodeView(KVCache):
 
     Static buffers (filled by :meth:`fill` before each forward): ``slot_mapping [B]`` (pool slot of
     each row's new token), ``slots [B, S]`` (pool slots each row attends to, padded with the
-    scratch slot), ``q_offsets [B]``, ``kv_lens [B]``.
+    scratch slot), ``q_offsets [B]``, ``kv_lens [B]``, and ``block_tables [B, ceil(S / block_size)]``
+    (int32, the pool blocks of each row, the scratch block for padding rows) with ``k_pool``/``v_pool``
+    for kernels that read the paged pool in place (a paged decode attention backend).
     """
 
     def __init__(self, pool: PagedKVCache, batch: int, max_context: int, scratch_slot: int):
@@ -42,6 +44,19 @@ class StaticDecodeView(KVCache):
         self.input_lens = torch.ones(batch, dtype=torch.long, device=dev)
         self.input_ids = torch.zeros(batch, 1, dtype=torch.long, device=dev)
         self.position_ids = torch.zeros(batch, 1, dtype=torch.long, device=dev)
+        if scratch_slot % pool.block_size:
+            raise ValueError(f"scratch_slot {scratch_slot} must start a block (block_size {pool.block_size})")
+        self.scratch_block = scratch_slot // pool.block_size
+        self.block_tables = torch.full((batch, -(-max_context // pool.block_size)), self.scratch_block,
+                                       dtype=torch.int32, device=dev)
+
+    @property
+    def k_pool(self) -> torch.Tensor:
+        return self.pool.k_pool
+
+    @property
+    def v_pool(self) -> torch.Tensor:
+        return self.pool.v_pool
 
     def _flat(self, pool: torch.Tensor, layer: int) -> torch.Tensor:
         return pool[layer].view(-1, self.n_kv_heads, self.head_dim)
@@ -56,6 +71,7 @@ class StaticDecodeView(KVCache):
         slot_map = torch.full((B,), self.scratch_slot, dtype=torch.long)
         q_off = torch.zeros(B, dtype=torch.long)
         kv_lens = torch.ones(B, dtype=torch.long)
+        table = torch.full(tuple(self.block_tables.shape), self.scratch_block, dtype=torch.int32)
         for r, s in enumerate(seq_ids):
             length = p.lengths[s]  # tokens already cached; the new one goes to slot `length`
             p.reserve(s, length + 1)
@@ -66,12 +82,15 @@ class StaticDecodeView(KVCache):
             slots[r, : length + 1] = blocks[j // bs] * bs + j % bs
             slot_map[r] = slots[r, length]
             q_off[r], kv_lens[r] = length, length + 1
+            nb = -(-(length + 1) // bs)
+            table[r, :nb] = blocks[:nb].to(torch.int32)
         ids = torch.zeros(B, 1, dtype=torch.long)
         pos = torch.zeros(B, 1, dtype=torch.long)
         ids[:n, 0] = torch.tensor(tokens, dtype=torch.long)
         pos[:n, 0] = torch.tensor(positions, dtype=torch.long)
         for dst, src in ((self.slots, slots), (self.slot_mapping, slot_map), (self.q_offsets, q_off),
-                         (self.kv_lens, kv_lens), (self.input_ids, ids), (self.position_ids, pos)):
+                         (self.kv_lens, kv_lens), (self.input_ids, ids), (self.position_ids, pos),
+                         (self.block_tables, table)):
             dst.copy_(src, non_blocking=True)
         self._rows = list(seq_ids)
 
