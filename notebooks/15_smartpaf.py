@@ -18,10 +18,12 @@
 #       \ CNN, TenSEAL CKKS N=32768 128-bit on CPU): CT+PA+AT lifts the five low-degree\
 #       \ PAFs from 95.8% (direct) to 97.8% mean (plaintext 97.8%, equal-epoch fine-tuning\
 #       \ 96.6%); one encrypted f1\u2218g2 ReLU costs about half the CPU time of the\
-#       \ 27-degree stand-in (no bootstrapping in that comparison)"
+#       \ 27-degree stand-in (no bootstrapping in that comparison); VGG-11-bn on 32x32\
+#       \ digits (H200, 1 seed): f1\xB2\u2218g1\xB2 CT+PA+AT+DS 0.28 points below plaintext\
+#       \ (paper, VGG-19-bn/CIFAR-10: 0.35)"
 #     paper: '15'
 #     slug: smartpaf
-#     status: partial
+#     status: reproduced
 # ---
 
 # %% [markdown]
@@ -67,6 +69,7 @@ CKKS_LIVE_DEPTHS = [0, 9, 18]             # depths whose per-level op costs are 
 FHE_PAF = "f1g2"            # PAF of the encrypted conv + BN + PAF-ReLU layer
 FHE_IMAGES = 32             # test images packed into one ciphertext per tap (32 x 8 ch x 64 px = 16384 slots)
 BOOTSTRAP_MS = 0.0          # ms charged per bootstrap in the network-level model (0: not charged)
+VGG_BENCH = "auto"          # VGG-11-bn study: "auto" (re-run seed 0 live on a GPU, else the committed JSON), "json", "skip"
 SEED = 0                    # seed of the data split, the models and the training order
 INTERACTIVE = True          # build the ipywidgets explorer at the end
 
@@ -81,8 +84,8 @@ validate(globals(), PAFS=ListOf(Choice(*SMARTPAF_PAFS), min_len=1), TECHNIQUES=L
          LR_C=Float(0, 1, lo_open=True), LR_W=Float(0, 1, lo_open=True), ORDER=Choice("code", "g_first"),
          DEPLOY_SCALE=Choice("SS", "DS"), CKKS_POLY_DEGREE=Choice(32768),
          CKKS_E2E_PAFS=ListOf(Choice(*PAF_FAMILIES), min_len=1), CKKS_LIVE_DEPTHS=ListOf(Int(0, 18), min_len=1),
-         FHE_PAF=Choice(*SMARTPAF_PAFS), FHE_IMAGES=Int(1, 4096), BOOTSTRAP_MS=Float(0, 1e7), SEED=Int(0),
-         INTERACTIVE=Bool())
+         FHE_PAF=Choice(*SMARTPAF_PAFS), FHE_IMAGES=Int(1, 4096), BOOTSTRAP_MS=Float(0, 1e7),
+         VGG_BENCH=Choice("auto", "json", "skip"), SEED=Int(0), INTERACTIVE=Bool())
 if not set(LIVE_PAFS) <= set(PAFS):
     raise ValueError(f"parameter 'LIVE_PAFS' = {LIVE_PAFS}: must be a subset of PAFS = {PAFS}")
 if FHE_IMAGES * WIDTHS[0] * 64 > CKKS_POLY_DEGREE // 2:
@@ -645,9 +648,6 @@ if "ct_pa_at" in TECHNIQUES:
 pd.DataFrame(checks, index=["lhs", "rhs"]).T.round(2)
 
 # %% [markdown]
-# Claim 8 of the card (the training part at GPU scale, VGG-11-bn) is not run by this notebook: the
-# training techniques here are CPU-scale and CKKS runs on the CPU; no GPU results file exists for this paper.
-#
 # **Takeaway.** Checked on this run: PAF sanity and composition order (claim 1), CT never worsens and on
 # average clearly improves each layer's fit (2), CT alone beats direct replacement (3), CT+PA+AT beats
 # equal-epoch fine-tuning on average and for the lowest-degree PAF (4; sensitive to the learning rate at
@@ -661,7 +661,140 @@ print(f"notebook compute so far: {time.perf_counter() - T_START:.1f} s (training
       f"per-level {T_LEVELS:.1f} s, PAF end-to-end {T_E2E:.1f} s, encrypted layer {T_LAYER:.1f} s)")
 
 # %% [markdown]
-# ## 8. Explore: PAF, techniques, scale
+# ## 8. GPU scale: VGG-11-bn with all 13 ReLU / MaxPool layers replaced
+#
+# The card's GPU part: the same technique ablation (same code: `digits_study` with the default technique
+# configuration above) on a VGG-11-bn — 8 ReLU + 5 MaxPool = 13 non-polynomial ops, full VGG-11 channel
+# widths (64–512), one linear classifier (CIFAR variant) — trained from seed on the GPU by
+# `PYTHONPATH=lib python -m mlsys24.bench smartpaf` (module `mlsys24.privacy.bench`), for PAFs of three
+# degrees and as many seeds as fit the run's time budget. **Scale-downs.** No CIFAR-10 here (nothing is
+# downloaded): the digits split above, each 8×8 image upsampled bilinearly to 32×32 and replicated over 3
+# channels (CIFAR's tensor shape, a far easier task: 1149 training images); VGG-11-bn instead of the
+# paper's VGG-19-bn; AT groups of 2 epochs (official 20), CT 10 epochs on 300 images, learning rates
+# 10x the official `lr_c`. The paper's VGG-19-bn / CIFAR-10 numbers (README of the official repository)
+# are drawn beside ours as accuracy *drops* versus each model's own plaintext accuracy.
+#
+# On a GPU (`VGG_BENCH = "auto"`) the study is re-run live for seed 0 (about a minute per PAF); elsewhere
+# the committed results file is read.
+
+# %%
+VGG_CMD = "PYTHONPATH=lib python3 -m mlsys24.bench smartpaf"
+VGG_RES = None
+if VGG_BENCH == "auto" and torch.cuda.is_available():
+    import argparse
+    import tempfile
+    from pathlib import Path
+
+    from mlsys24.privacy import bench as vgg_bench
+
+    _root = Path(tempfile.mkdtemp())
+    vgg_bench.run(argparse.Namespace(quick=False, out=_root / SLUG, extra=["--seeds", "0", "--budget", "400"]))
+    VGG_RES = load_results(SLUG, root=_root)[0]
+elif VGG_BENCH != "skip":
+    _files = [f for f in load_results(SLUG) if f.meta.get("device_type") == "cuda"
+              and any(r.get("model") == "vgg11_bn" for r in f.records)]
+    VGG_RES = _files[0] if _files else None
+if VGG_RES is None:
+    print(f"no VGG-11-bn GPU results: run `{VGG_CMD}` on a GPU machine (GPU claims below are skipped)")
+else:
+    print(VGG_RES.caption())
+    vgg = pd.DataFrame(VGG_RES.records)
+    VGG_PAFS = [p for p in VGG_RES.config["pafs"] if p in set(vgg["paf"])]
+    VGG_SEEDS = sorted(set(vgg["seed"]))
+    vgg["drop"] = vgg["float_test_acc"] - vgg["test_acc"]
+    vgg_mean = vgg.pivot_table(index=["technique", "scale"], columns="paf", values="test_acc", aggfunc="mean")[VGG_PAFS]
+    vgg_std = vgg.pivot_table(index=["technique", "scale"], columns="paf", values="test_acc", aggfunc="std")
+    VGG_FLOAT = float(np.mean(list(VGG_RES.config["float_test_acc"].values())))
+    print(f"float VGG-11-bn: {VGG_FLOAT:.2f} % (mean of seeds {VGG_SEEDS}); PAFs {VGG_PAFS}; "
+          f"skipped (budget): {VGG_RES.config['skipped'] or 'none'}")
+    display(vgg_mean.reindex([t for t in TECH_NAMES if t in set(vgg["technique"])], level=0).round(2))
+
+# %%
+if VGG_RES is not None:
+    paper_vgg = {"direct SS (prior work)": ("direct", "SS"), "ct DS": ("ct", "DS"), "ct_pa_at DS": ("ct_pa_at", "DS"),
+                 "ct_pa_at SS (SmartPAF)": ("ct_pa_at", "SS")}
+    series = [("direct", "DS"), ("direct", "SS"), ("ct", "DS"), ("baseline_ds", "DS"), ("ct_pa_at", "DS"),
+              ("ct_pa_at", "SS")]
+    fig_vgg = make_subplots(rows=1, cols=2, shared_yaxes=True, horizontal_spacing=0.06, subplot_titles=[
+        f"ours: VGG-11-bn, 32x32 digits, {VGG_RES.device} (plaintext {VGG_FLOAT:.2f} %)",
+        f"paper: VGG-19-bn, CIFAR-10 (plaintext {PAPER_PLAINTEXT['VGG-19-bn / CIFAR-10']} %)"])
+    labels = [PAF_LABELS[p] for p in VGG_PAFS]
+    for tech, scale in series:
+        drops = vgg[(vgg["technique"] == tech) & (vgg["scale"] == scale)].groupby("paf")["drop"]
+        fig_vgg.add_bar(x=labels, y=[drops.mean().get(p) for p in VGG_PAFS], name=f"{TECH_NAMES[tech]}, {scale}",
+                        error_y=dict(type="data", array=[drops.std().get(p, 0) for p in VGG_PAFS],
+                                     visible=len(VGG_SEEDS) > 1),
+                        marker=dict(color=TECH_COLORS[tech], pattern_shape="/" if scale == "SS" else ""),
+                        legendgroup=f"{tech}{scale}", row=1, col=1)
+    for name, (tech, scale) in paper_vgg.items():
+        vals = PAPER_VGG_ALL[{"direct SS (prior work)": "direct, SS (prior work)", "ct DS": "ct (DS)"}.get(name, name)]
+        fig_vgg.add_bar(x=labels, y=[PAPER_PLAINTEXT["VGG-19-bn / CIFAR-10"] - vals[p] for p in VGG_PAFS],
+                        name=f"paper: {name}", marker=dict(color=TECH_COLORS[tech], opacity=0.6,
+                                                           pattern_shape="/" if scale == "SS" else "x"),
+                        legendgroup="paper", row=1, col=2)
+    fig_vgg.update_yaxes(title_text="accuracy drop vs plaintext (points)", row=1, col=1)
+    fig_vgg.update_layout(barmode="group")
+    viz.apply_template(fig_vgg, title="VGG with every ReLU / MaxPool replaced by a PAF: accuracy drop per technique set",
+                       height=560, width=1400)
+    fig_vgg.update_layout(legend=dict(orientation="v", x=1.02, xanchor="left", y=1.0, yanchor="top", font=dict(size=11)),
+                          margin=dict(r=380, b=150))
+    viz.caption(fig_vgg, f"Ours: {VGG_RES.caption()}<br>mean (± std where > 1 seed) over seeds {VGG_SEEDS}. "
+                         "Scale-down: sklearn digits upsampled to 32x32x3 (1149 train / 360 test) instead of CIFAR-10, "
+                         "VGG-11-bn instead of VGG-19-bn, AT groups 2 epochs (official 20).<br>Paper: VGG-19-bn / "
+                         "CIFAR-10, README table of EfficientFHE/SmartPAF (no baseline+DS or direct-DS rows there). "
+                         "Hatched = static scale.")
+    viz.save(fig_vgg, SLUG, "vgg_gpu_ablation")
+    fig_vgg.show()
+
+# %% [markdown]
+# **Takeaway.** With 13 non-polynomial layers the PAF errors compound: in the committed run (NVIDIA H200,
+# seed 0) dropping f1²∘g1² or f1∘g2 in directly costs 16–24 points of the 99.2 % plaintext accuracy, while the
+# α=7 composite is nearly exact (0.3 points). CT alone, with no training at all, brings the low-degree PAFs
+# back to within 1.4 points (DS); CT+PA+AT reaches 98.9 % with f1²∘g1² (0.28 points below plaintext; paper,
+# VGG-19-bn on CIFAR-10: 0.35) and, for the two low-degree PAFs, beats fine-tuning for the same number of
+# epochs by 7–11 points. Static
+# scale is free for f1²∘g1² and α=7 but costs f1∘g2 8 points — the paper's shape (its f1∘g2 loses 14.6
+# points at SS on VGG-19-bn). The task is far easier than CIFAR-10, so the absolute accuracies are not
+# comparable, and the run has one seed (the time budget of one GPU call); the orderings are what carries over.
+
+# %% [markdown]
+# Claims on the VGG run (means over its seeds): the card's claim 8 (CT+PA+AT+DS with f1²∘g1² within
+# 2 points of plaintext) and the orderings the digits CNN asserts in section 7.
+
+# %%
+GPU_ASSERTED = ["card 8: CT+PA+AT+DS, f1²∘g1², drop <= 2 points", "CT-only >= direct (mean, DS)",
+                "CT+PA+AT+DS >= baseline+DS (mean)", "CT+PA+AT >= direct + 1 point (mean, SS)",
+                "CT+PA+AT+DS >= baseline+DS (f1g2)", "SS <= DS + 1 (CT+PA+AT, every PAF)",
+                "SS costs the lowest-degree PAF (f1g2) >= 1 point more than any other (CT+PA+AT)"]
+GPU_CHECKS = {}
+if VGG_RES is not None:
+    vds = vgg[vgg["scale"] == "DS"].pivot_table(index="technique", columns="paf", values="test_acc", aggfunc="mean")
+    vss = vgg[vgg["scale"] == "SS"].pivot_table(index="technique", columns="paf", values="test_acc", aggfunc="mean")
+    vlow = min(VGG_PAFS, key=lambda p: paf_info(p).degree_sum)
+    if "2f12g1" in VGG_PAFS:
+        GPU_CHECKS["card 8: CT+PA+AT+DS, f1²∘g1², drop <= 2 points"] = (VGG_FLOAT - vds.loc["ct_pa_at", "2f12g1"], 2.0)
+    GPU_CHECKS["CT-only >= direct (mean, DS)"] = (-vds.loc["ct", VGG_PAFS].mean(), -vds.loc["direct", VGG_PAFS].mean())
+    GPU_CHECKS["CT+PA+AT+DS >= baseline+DS (mean)"] = (-vds.loc["ct_pa_at", VGG_PAFS].mean(),
+                                                       -vds.loc["baseline_ds", VGG_PAFS].mean())
+    GPU_CHECKS[f"CT+PA+AT+DS >= baseline+DS ({vlow})"] = (-vds.loc["ct_pa_at", vlow], -vds.loc["baseline_ds", vlow])
+    GPU_CHECKS["CT+PA+AT >= direct + 1 point (mean, SS)"] = (-vss.loc["ct_pa_at", VGG_PAFS].mean(),
+                                                             -vss.loc["direct", VGG_PAFS].mean() - 1.0)
+    GPU_CHECKS["SS <= DS + 1 (CT+PA+AT, every PAF)"] = (
+        float((vss.loc["ct_pa_at", VGG_PAFS] - vds.loc["ct_pa_at", VGG_PAFS]).max()), 1.0)
+    ss_cost = vds.loc["ct_pa_at", VGG_PAFS] - vss.loc["ct_pa_at", VGG_PAFS]     # points lost by static scale
+    GPU_CHECKS[f"SS costs the lowest-degree PAF ({vlow}) >= 1 point more than any other (CT+PA+AT)"] = (
+        -float(ss_cost[vlow]), -float(ss_cost.drop(vlow).max()) - 1.0 if len(VGG_PAFS) > 1 else 0.0)
+    # each check is (lhs, rhs) with "holds" meaning lhs <= rhs (orderings negated to fit that form)
+    for name, (lhs, rhs) in GPU_CHECKS.items():
+        print(f"{'reproduced' if lhs <= rhs else 'NOT REPRODUCED'}: {name}  ({abs(lhs):.2f} vs {abs(rhs):.2f})")
+    for name in GPU_ASSERTED:
+        if name in GPU_CHECKS:
+            assert GPU_CHECKS[name][0] <= GPU_CHECKS[name][1], name
+else:
+    print(f"GPU claims skipped: run `{VGG_CMD}` on a GPU machine")
+
+# %% [markdown]
+# ## 9. Explore: PAF, techniques, scale
 #
 # Pick a PAF and a technique set (CT / PA / AT checkboxes map to the sets that were run; an unrun
 # combination says so), the deployment scale, and a DS `scale_ratio` (u = x / (ratio · max|x|): larger ratios
@@ -740,7 +873,7 @@ if INTERACTIVE:
     _show(_render())
 
 # %% [markdown]
-# ## 9. Going further
+# ## 10. Going further
 #
 # - Everything live, all technique sets:
 #   `papermill notebooks/15_smartpaf.ipynb runs/15_smartpaf.ipynb -p LIVE_PAFS '["f1g2","f2g2","f2g3","2f12g1","a7"]' -p TECHNIQUES '["direct","ct","baseline_ds","ct_pa_at","pa_at","ct_pa"]'`
@@ -748,8 +881,9 @@ if INTERACTIVE:
 #   techniques have nothing to recover. The official learning rates: `-p LR_C 1e-4 -p LR_W 1e-5`.
 # - Refresh the committed measurements: `PYTHONPATH=lib python -m mlsys24.privacy.ckks_bench` (CKKS costs,
 #   ~5 min) and `PYTHONPATH=lib python -m mlsys24.privacy.ablation` (digits ablation, ~3 min on one core).
-# - GPU scale (not run here): the card's VGG-11-bn on a synthetic 32×32 shapes set; the modules in
-#   `mlsys24.privacy` take any torch model with `nn.ReLU` / `nn.MaxPool2d` layers.
+# - GPU scale: `PYTHONPATH=lib python3 -m mlsys24.bench smartpaf` (VGG-11-bn, section 8; `--seeds 0,1,2
+#   --pafs 2f12g1,f1g2,a7 --budget 220` after the name); the modules in `mlsys24.privacy` take any torch
+#   model with `nn.ReLU` / `nn.MaxPool2d` layers, so a real CIFAR-10 VGG-19-bn is one data loader away.
 #
 # Questions for a workshop:
 # 1. CT fits each PAF to the input distribution of its layer. Why does that help most for the lowest-degree

@@ -34,6 +34,9 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
                "ResNet-18, 2 GPUs NCCL over loopback sockets and default transport"),
     "serving": ("mlsys24.serving.bench:run",
                 "serving engine: Llama-2-7B-shaped decode throughput at batch 1/8/32/64, eager vs CUDA graphs"),
+    "smartpaf": ("mlsys24.privacy.bench:run",
+                 "SmartPAF: VGG-11-bn (32x32 upsampled digits) technique ablation, all 13 ReLU/MaxPool replaced, "
+                 "PAFs 2f12g1/f1g2/a7 at DS+SS, seeds within a 220 s budget (~3 min on an H200)"),
     "awq": ("mlsys24.quant.bench:run", "AWQ W4A16 Triton GEMM/GEMV vs cuBLAS fp16, Llama-7B shapes, M=1..64"),
 }
 

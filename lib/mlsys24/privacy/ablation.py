@@ -56,12 +56,16 @@ def single_thread():
         torch.set_num_threads(threads)
 
 
-def float_model(cfg: StudyConfig, data=None):
-    """The float digits CNN of a study configuration (seeded), and the data split."""
+def float_model(cfg: StudyConfig, data=None, factory=None):
+    """The float model of a study configuration (seeded), and the data split.
+
+    factory: builds the untrained model (default: the digits CNN of ``cfg.widths`` / ``cfg.depth``);
+    the VGG study passes a VGG-11-bn on its device and its own ``data``.
+    """
     data = data if data is not None else load_digits_split(cfg.seed)
     with single_thread():
         torch.manual_seed(cfg.seed)
-        model = DigitsCNN(*cfg.widths, depth=cfg.depth)
+        model = factory() if factory is not None else DigitsCNN(*cfg.widths, depth=cfg.depth)
         train_float(model, data, epochs=cfg.float_epochs, lr=cfg.float_lr, seed=cfg.seed)
     return model, data
 

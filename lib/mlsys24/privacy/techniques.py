@@ -317,7 +317,8 @@ def apply_technique(float_model: nn.Module, paf: str, technique: str, data: Digi
     torch.manual_seed(cfg.seed)
     model = copy.deepcopy(float_model).eval()
     layers = [n for n in nonpolynomial_layers(model) if isinstance(model.get_submodule(n), (nn.ReLU, nn.MaxPool2d))]
-    new = lambda n: paf_layer_for(model.get_submodule(n), make_sign(paf, order=order))
+    dev = next(model.parameters()).device   # new PAF layers live where the model does (CPU or GPU)
+    new = lambda n: paf_layer_for(model.get_submodule(n), make_sign(paf, order=order)).to(dev)
     res = TechniqueResult(paf=paf, technique=technique, model=model, epochs=0)
 
     if technique in ("direct", "baseline_ds", "ct"):
