@@ -28,6 +28,9 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "gnn_matrix_sampling_dist": ("mlsys24.graph.bench:run_dist",
                                  "1.5D distributed bulk sampling on all visible GPUs (NCCL): time + bytes per "
                                  "process, p in {2,4}, c in {1,2}"),
+    "prompt_cache": ("mlsys24.promptcache.bench:run",
+                     "Prompt Cache: TTFT vs cached length (7B-shaped fp16, N 512-8K, q=32), GPU/host module tiers "
+                     "eager + CUDA graph, copy-vs-recompute, 1B-shaped CPU run (~2 min on an H200)"),
     "punica": ("mlsys24.lora.bench:run", "Punica: SGMV/BGMV vs Loop/Gather-BMM at Llama-7B shapes; multi-LoRA serving vs same-adapter batching"),
     "lgreco": ("mlsys24.compress.bench:run",
                "L-GreCo: DDP step time + bytes, uncompressed / uniform PowerSGD / L-GreCo, GPT-2-small (r0=32) + "
