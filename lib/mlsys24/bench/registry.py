@@ -40,6 +40,8 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "keyformer": ("mlsys24.kvcache.bench:run",
                   "Keyformer: decode step time / tokens/s vs KV budget, Full (split-KV kernel) vs compacted "
                   "Keyformer/H2O/window 50%, Llama-2-7B shape, 2K-8K prompts, CUDA graphs (~1 min on an H200)"),
+    "slora": ("mlsys24.slora.bench:run",
+              "S-LoRA: unified KV/adapter pool + MBGMV serving vs PEFT/bmm/merged, 7B-shaped layers, n in {5,100,1000}"),
     "smartpaf": ("mlsys24.privacy.bench:run",
                  "SmartPAF: VGG-11-bn (32x32 upsampled digits) technique ablation, all 13 ReLU/MaxPool replaced, "
                  "PAFs 2f12g1/f1g2/a7 at DS+SS, seeds within a 220 s budget (~3 min on an H200)"),

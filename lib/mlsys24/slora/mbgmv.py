@@ -1,0 +1,429 @@
+"""S-LoRA's heterogeneous-rank LoRA kernels over the unified pool: MBGMM (prefill) and MBGMV (decode).
+
+Punica's SGMV/BGMV (:mod:`mlsys24.lora.sgmv`) read adapter ``a`` as a dense ``[h1, r]`` block of a
+stacked ``[n_slots, h1, r]`` tensor, one rank for all. In S-LoRA (Sheng et al., MLSys 2024, §5.1)
+adapter weights live in the *unified pool* (:mod:`.pool`): per layer a K buffer ``wa [S, H]`` holds
+the rows ``A_p[:, j]`` and a V buffer ``wb [S, H]`` the rows ``B_p[j, :]`` of every resident adapter,
+scattered over arbitrary slots. For a request of adapter ``a`` with rank ``r_a``, projection
+``p ∈ {q=0, k=1, v=2, o=3}`` and row ``j < r_a`` the slot is ``a_loc[a_start + r_a·p + j]``, so ::
+
+    v[t, j] = Σ_k x[t, k] · wa[a_loc[a_start + r·p + j], k]          (shrink,  j < r)
+    y[t, n] += s_a · Σ_j v[t, j] · wb[a_loc[a_start + r·p + j], n]   (expand)
+
+for every token ``t`` of the request. Both kernels gather the weight rows by slot id inside the
+kernel (no copy into contiguous tensors) and mask ``j >= r`` per request, so a batch mixes ranks
+freely; ``BLOCK_R`` is the batch's largest rank rounded up to a power of two (≥ 16 for ``tl.dot``:
+ranks below 16 compute on zero-padded lanes but *load* only their ``r`` rows).
+
+- **MBGMM** (:func:`lora_mbgmm`): one program per (request segment, tile of ``BLOCK_M`` tokens) for
+  the shrink, plus an output-column tile for the expand; ``tl.dot`` on tensor cores.
+- **MBGMV** (:func:`lora_mbgmv`): one token per request (decode); one program per (request, block of
+  rank rows) for the shrink — a block past the request's rank exits at once (the paper's grid is
+  (max rank, batch)) — and per (request, column tile) for the expand; no tensor cores.
+
+Tables (:class:`PoolTables`, built once per forward, shared by every layer): per segment the first
+token row ``seg_start``, ``seg_len``, ``seg_astart`` (offset into ``a_loc``), ``seg_rank``,
+``seg_scale``; ``a_loc`` the slot ids. Shapes: ``x [N, H_in]``, ``wa/wb [S, H]`` with ``H_in = H_out = H``,
+``v [N, BLOCK_R]`` fp32, ``y [N, H]``.
+
+Beside them: :func:`lora_pool_torch` (the same gather, in PyTorch, grouped by rank: what the CPU
+serving runs use), :func:`lora_padded_bmm` (the S-LoRA-bmm baseline: copy every request's adapter
+into contiguous tensors padded to the largest rank, then ``torch.bmm``), :func:`mbgmm_ref` (float32,
+one dense ``x A B`` per request) and :func:`gathered_elements` (weight elements each method reads,
+counted from the index tensors).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+try:  # CPU interpreter fixes (NumPy >= 2.4 scalars, bf16 tl.dot); a no-op on GPU
+    import mlsys24.kernels  # noqa: F401
+except ImportError:  # pragma: no cover
+    pass
+
+import triton
+import triton.language as tl
+
+__all__ = ["PoolTables", "make_tables", "lora_mbgmm", "lora_mbgmv", "mbgmm_shrink", "mbgmm_expand",
+           "mbgmv_shrink", "mbgmv_expand", "lora_pool_torch", "lora_padded_bmm", "mbgmm_ref",
+           "gathered_elements"]
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+# ------------------------------------------------------------------------------------------------
+# tables
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class PoolTables:
+    """Per-forward index tensors (host numpy + one device int32 table + fp32 scales)."""
+
+    seg_start: np.ndarray   # [S] first token row of each request segment
+    seg_len: np.ndarray     # [S]
+    seg_astart: np.ndarray  # [S] offset of the adapter's slot list in a_loc
+    seg_rank: np.ndarray    # [S]
+    seg_scale: np.ndarray   # [S] float
+    a_loc: np.ndarray       # [total] slot ids
+    table: torch.Tensor     # int32 [4*S + total]: start | len | astart | rank | a_loc
+    scale: torch.Tensor     # fp32 [S]
+    n_rows: int             # tokens of x
+
+    @property
+    def n_seg(self) -> int:
+        return len(self.seg_start)
+
+    @property
+    def max_rank(self) -> int:
+        return int(self.seg_rank.max()) if self.n_seg else 0
+
+    @property
+    def max_len(self) -> int:
+        return int(self.seg_len.max()) if self.n_seg else 0
+
+    def rows_of(self, s: int, proj: int) -> np.ndarray:
+        """Slot ids of segment ``s``'s adapter rows for projection ``proj``."""
+        r = int(self.seg_rank[s])
+        a0 = int(self.seg_astart[s]) + r * proj
+        return self.a_loc[a0:a0 + r]
+
+
+def make_tables(seg_start, seg_len, seg_astart, seg_rank, seg_scale, a_loc, n_rows: int, device) -> PoolTables:
+    st, ln, ast, rk = (np.asarray(a, dtype=np.int64).reshape(-1) for a in (seg_start, seg_len, seg_astart, seg_rank))
+    loc = np.asarray(a_loc, dtype=np.int64).reshape(-1)
+    sc = np.asarray(seg_scale, dtype=np.float32).reshape(-1)
+    if not (len(st) == len(ln) == len(ast) == len(rk) == len(sc)):
+        raise ValueError("segment arrays differ in length")
+    if len(st) and ((st < 0).any() or (st + ln > n_rows).any() or (ln < 1).any()):
+        raise ValueError("a segment lies outside the rows of x")
+    if len(st) and ((ast + 4 * rk > len(loc)).any() or (rk < 1).any()):
+        raise ValueError("a segment's slot list runs past a_loc (need 4·rank entries from a_start)")
+    host = np.concatenate([st, ln, ast, rk, loc]).astype(np.int32)
+    table = torch.from_numpy(host).to(device, non_blocking=True)
+    scale = torch.from_numpy(sc).to(device, non_blocking=True)
+    return PoolTables(st, ln, ast, rk, sc, loc, table, scale, int(n_rows))
+
+
+# ------------------------------------------------------------------------------------------------
+# Triton kernels
+# ------------------------------------------------------------------------------------------------
+@triton.jit(do_not_specialize=["n_seg", "K"])
+def _mbgmm_shrink_kernel(x_ptr, wa_ptr, v_ptr, table_ptr, n_seg, K, proj,
+                         stride_xm, stride_xk, stride_ws, stride_wk, stride_vm, stride_vr,
+                         BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+                         PRECISION: tl.constexpr):
+    """v[tokens of (segment, m-tile), :r] = x[tokens] @ wa[rows of the segment's adapter]^T."""
+    seg = tl.program_id(0)
+    mt = tl.program_id(1)
+    start = tl.load(table_ptr + seg)
+    length = tl.load(table_ptr + n_seg + seg)
+    if mt * BLOCK_M < length:
+        astart = tl.load(table_ptr + 2 * n_seg + seg)
+        rank = tl.load(table_ptr + 3 * n_seg + seg)
+        offs_m = mt * BLOCK_M + tl.arange(0, BLOCK_M)
+        m_mask = offs_m < length
+        rows = (start + offs_m).to(tl.int64)
+        offs_r = tl.arange(0, BLOCK_R)
+        r_mask = offs_r < rank
+        slots = tl.load(table_ptr + 4 * n_seg + astart + rank * proj + offs_r, mask=r_mask, other=0).to(tl.int64)
+        acc = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_mask = offs_k < K
+            xt = tl.load(x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                         mask=m_mask[:, None] & k_mask[None, :], other=0.0)                # [BLOCK_M, BLOCK_K]
+            wt = tl.load(wa_ptr + slots[None, :] * stride_ws + offs_k[:, None] * stride_wk,
+                         mask=k_mask[:, None] & r_mask[None, :], other=0.0)                # [BLOCK_K, BLOCK_R]
+            acc = tl.dot(xt, wt, acc, input_precision=PRECISION)
+        tl.store(v_ptr + rows[:, None] * stride_vm + offs_r[None, :] * stride_vr, acc, mask=m_mask[:, None])
+
+
+@triton.jit(do_not_specialize=["n_seg", "N"])
+def _mbgmm_expand_kernel(v_ptr, wb_ptr, y_ptr, table_ptr, scale_ptr, n_seg, N, proj,
+                         stride_vm, stride_vr, stride_ws, stride_wn, stride_ym, stride_yn,
+                         BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+                         PRECISION: tl.constexpr):
+    """y[tokens, n-tile] += scale · v[tokens, :r] @ wb[rows of the segment's adapter, n-tile]."""
+    seg = tl.program_id(0)
+    mt = tl.program_id(1)
+    nb = tl.program_id(2)
+    start = tl.load(table_ptr + seg)
+    length = tl.load(table_ptr + n_seg + seg)
+    if mt * BLOCK_M < length:
+        astart = tl.load(table_ptr + 2 * n_seg + seg)
+        rank = tl.load(table_ptr + 3 * n_seg + seg)
+        offs_m = mt * BLOCK_M + tl.arange(0, BLOCK_M)
+        m_mask = offs_m < length
+        rows = (start + offs_m).to(tl.int64)
+        offs_r = tl.arange(0, BLOCK_R)
+        r_mask = offs_r < rank
+        slots = tl.load(table_ptr + 4 * n_seg + astart + rank * proj + offs_r, mask=r_mask, other=0).to(tl.int64)
+        offs_n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < N
+        vt = tl.load(v_ptr + rows[:, None] * stride_vm + offs_r[None, :] * stride_vr,
+                     mask=m_mask[:, None] & r_mask[None, :], other=0.0)                    # [BLOCK_M, BLOCK_R] fp32
+        wt = tl.load(wb_ptr + slots[:, None] * stride_ws + offs_n[None, :] * stride_wn,
+                     mask=r_mask[:, None] & n_mask[None, :], other=0.0).to(tl.float32)    # [BLOCK_R, BLOCK_N]
+        acc = tl.dot(vt, wt, input_precision=PRECISION) * tl.load(scale_ptr + seg)
+        out = y_ptr + rows[:, None] * stride_ym + offs_n[None, :] * stride_yn
+        mask = m_mask[:, None] & n_mask[None, :]
+        yv = tl.load(out, mask=mask, other=0.0)
+        tl.store(out, (yv.to(tl.float32) + acc).to(yv.dtype), mask=mask)
+
+
+@triton.jit(do_not_specialize=["n_seg", "K"])
+def _mbgmv_shrink_kernel(x_ptr, wa_ptr, v_ptr, table_ptr, n_seg, K, proj,
+                         stride_xm, stride_xk, stride_ws, stride_wk, stride_vm, stride_vr,
+                         BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr):
+    """v[token, j-block] = wa[rows j-block] @ x[token]   (one token per request; j >= rank exits)."""
+    seg = tl.program_id(0)
+    jb = tl.program_id(1)
+    rank = tl.load(table_ptr + 3 * n_seg + seg)
+    if jb * BLOCK_J < rank:
+        row = tl.load(table_ptr + seg).to(tl.int64)
+        astart = tl.load(table_ptr + 2 * n_seg + seg)
+        offs_j = jb * BLOCK_J + tl.arange(0, BLOCK_J)
+        j_mask = offs_j < rank
+        slots = tl.load(table_ptr + 4 * n_seg + astart + rank * proj + offs_j, mask=j_mask, other=0).to(tl.int64)
+        acc = tl.zeros([BLOCK_J], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_mask = offs_k < K
+            xk = tl.load(x_ptr + row * stride_xm + offs_k * stride_xk, mask=k_mask, other=0.0).to(tl.float32)
+            wt = tl.load(wa_ptr + slots[:, None] * stride_ws + offs_k[None, :] * stride_wk,
+                         mask=j_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)  # [BLOCK_J, BLOCK_K]
+            acc += tl.sum(wt * xk[None, :], axis=1)
+        tl.store(v_ptr + row * stride_vm + offs_j * stride_vr, acc, mask=j_mask)
+
+
+@triton.jit(do_not_specialize=["n_seg", "N"])
+def _mbgmv_expand_kernel(v_ptr, wb_ptr, y_ptr, table_ptr, scale_ptr, n_seg, N, proj,
+                         stride_vm, stride_vr, stride_ws, stride_wn, stride_ym, stride_yn,
+                         BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
+    """y[token, n-tile] += scale · v[token, :r] @ wb[rows, n-tile]."""
+    seg = tl.program_id(0)
+    nb = tl.program_id(1)
+    row = tl.load(table_ptr + seg).to(tl.int64)
+    astart = tl.load(table_ptr + 2 * n_seg + seg)
+    rank = tl.load(table_ptr + 3 * n_seg + seg)
+    offs_r = tl.arange(0, BLOCK_R)
+    r_mask = offs_r < rank
+    slots = tl.load(table_ptr + 4 * n_seg + astart + rank * proj + offs_r, mask=r_mask, other=0).to(tl.int64)
+    offs_n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    vr = tl.load(v_ptr + row * stride_vm + offs_r * stride_vr, mask=r_mask, other=0.0)
+    wt = tl.load(wb_ptr + slots[:, None] * stride_ws + offs_n[None, :] * stride_wn,
+                 mask=r_mask[:, None] & n_mask[None, :], other=0.0).to(tl.float32)
+    acc = tl.sum(vr[:, None] * wt, axis=0) * tl.load(scale_ptr + seg)
+    out = y_ptr + row * stride_ym + offs_n * stride_yn
+    yv = tl.load(out, mask=n_mask, other=0.0)
+    tl.store(out, (yv.to(tl.float32) + acc).to(yv.dtype), mask=n_mask)
+
+
+# ------------------------------------------------------------------------------------------------
+# launchers
+# ------------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _launch():
+    """Under the CPU interpreter, skip its int32-overflow checks while our kernels run (compiled
+    kernels never run them)."""
+    if not INTERPRET:
+        yield
+        return
+    from triton.runtime import interpreter as _interp
+
+    b = _interp.interpreter_builder
+    old = b.options
+    b.options = dataclasses.replace(old, sanitize_overflow=False)
+    try:
+        yield
+    finally:
+        b.options = old
+
+
+def _pow2(n: int, lo: int = 16) -> int:
+    return max(lo, triton.next_power_of_2(max(1, int(n))))
+
+
+def _check(x: torch.Tensor, w: torch.Tensor, t: PoolTables) -> None:
+    if x.dim() != 2 or w.dim() != 2 or x.shape[1] != w.shape[1]:
+        raise ValueError(f"x {tuple(x.shape)} and pool buffer {tuple(w.shape)} must be [N, H] and [S, H]")
+    if x.shape[0] != t.n_rows:
+        raise ValueError(f"x has {x.shape[0]} rows, the tables were built for {t.n_rows}")
+    if x.dtype != w.dtype:
+        raise ValueError(f"x is {x.dtype} but the pool is {w.dtype}")
+
+
+def mbgmm_shrink(x: torch.Tensor, wa: torch.Tensor, t: PoolTables, proj: int, *, block_m: int = 16,
+                 block_k: int | None = None) -> torch.Tensor:
+    """``v [N, BLOCK_R]`` fp32 with ``v[t, :r] = x[t] @ A`` for tokens of each segment (others 0)."""
+    _check(x, wa, t)
+    R = _pow2(t.max_rank)
+    v = torch.zeros(x.shape[0], R, dtype=torch.float32, device=x.device)
+    if t.n_seg == 0:
+        return v
+    K = x.shape[1]
+    block_k = min(_pow2(K), block_k or (128 if INTERPRET else 64))
+    grid = (t.n_seg, triton.cdiv(t.max_len, block_m))
+    with _launch():
+        _mbgmm_shrink_kernel[grid](x, wa, v, t.table, t.n_seg, K, proj, x.stride(0), x.stride(1),
+                                   wa.stride(0), wa.stride(1), v.stride(0), v.stride(1), BLOCK_M=block_m,
+                                   BLOCK_K=block_k, BLOCK_R=R,
+                                   PRECISION="ieee" if x.dtype == torch.float32 else "tf32")
+    return v
+
+
+def mbgmm_expand(y: torch.Tensor, v: torch.Tensor, wb: torch.Tensor, t: PoolTables, proj: int, *,
+                 block_m: int = 16, block_n: int | None = None) -> torch.Tensor:
+    """``y[t] += scale · v[t, :r] @ B`` for tokens of each segment; ``y`` updated in place."""
+    if t.n_seg == 0:
+        return y
+    N = wb.shape[1]
+    block_n = min(_pow2(N), block_n or (128 if INTERPRET else 64))
+    grid = (t.n_seg, triton.cdiv(t.max_len, block_m), triton.cdiv(N, block_n))
+    with _launch():
+        _mbgmm_expand_kernel[grid](v, wb, y, t.table, t.scale, t.n_seg, N, proj, v.stride(0), v.stride(1),
+                                   wb.stride(0), wb.stride(1), y.stride(0), y.stride(1), BLOCK_M=block_m,
+                                   BLOCK_R=v.shape[1], BLOCK_N=block_n,
+                                   PRECISION="ieee" if y.dtype == torch.float32 else "tf32")
+    return y
+
+
+def mbgmv_shrink(x: torch.Tensor, wa: torch.Tensor, t: PoolTables, proj: int, *, block_j: int = 16,
+                 block_k: int | None = None) -> torch.Tensor:
+    _check(x, wa, t)
+    if t.n_seg and t.max_len != 1:
+        raise ValueError("MBGMV takes one token per request (use MBGMM for prefill)")
+    R = _pow2(t.max_rank)
+    v = torch.zeros(x.shape[0], R, dtype=torch.float32, device=x.device)
+    if t.n_seg == 0:
+        return v
+    K = x.shape[1]
+    block_k = min(_pow2(K), block_k or (128 if INTERPRET else 256))
+    grid = (t.n_seg, triton.cdiv(R, block_j))
+    with _launch():
+        _mbgmv_shrink_kernel[grid](x, wa, v, t.table, t.n_seg, K, proj, x.stride(0), x.stride(1),
+                                   wa.stride(0), wa.stride(1), v.stride(0), v.stride(1),
+                                   BLOCK_J=block_j, BLOCK_K=block_k)
+    return v
+
+
+def mbgmv_expand(y: torch.Tensor, v: torch.Tensor, wb: torch.Tensor, t: PoolTables, proj: int, *,
+                 block_n: int | None = None) -> torch.Tensor:
+    if t.n_seg == 0:
+        return y
+    N = wb.shape[1]
+    block_n = min(_pow2(N), block_n or (128 if INTERPRET else 256))
+    grid = (t.n_seg, triton.cdiv(N, block_n))
+    with _launch():
+        _mbgmv_expand_kernel[grid](v, wb, y, t.table, t.scale, t.n_seg, N, proj, v.stride(0), v.stride(1),
+                                   wb.stride(0), wb.stride(1), y.stride(0), y.stride(1),
+                                   BLOCK_R=v.shape[1], BLOCK_N=block_n)
+    return y
+
+
+def lora_mbgmm(x: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor, t: PoolTables, proj: int,
+               y: torch.Tensor | None = None) -> torch.Tensor:
+    """MBGMM: ``y += s·(x A) B`` per request segment, A/B rows gathered from the pool by slot id."""
+    v = mbgmm_shrink(x, wa, t, proj)
+    y = torch.zeros(x.shape[0], wb.shape[1], dtype=x.dtype, device=x.device) if y is None else y
+    return mbgmm_expand(y, v, wb, t, proj)
+
+
+def lora_mbgmv(x: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor, t: PoolTables, proj: int,
+               y: torch.Tensor | None = None) -> torch.Tensor:
+    """MBGMV: the decode case (one token per request)."""
+    v = mbgmv_shrink(x, wa, t, proj)
+    y = torch.zeros(x.shape[0], wb.shape[1], dtype=x.dtype, device=x.device) if y is None else y
+    return mbgmv_expand(y, v, wb, t, proj)
+
+
+# ------------------------------------------------------------------------------------------------
+# PyTorch paths and the reference
+# ------------------------------------------------------------------------------------------------
+def _segment_tokens(t: PoolTables, idx) -> np.ndarray:
+    return np.concatenate([np.arange(t.seg_start[s], t.seg_start[s] + t.seg_len[s]) for s in idx])
+
+
+def lora_pool_torch(x: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor, t: PoolTables, proj: int,
+                    y: torch.Tensor | None = None) -> torch.Tensor:
+    """The MBGMM/MBGMV computation in PyTorch: requests grouped by rank, each group's rows gathered
+    by slot id (exactly ``r_b`` rows per request, no padding), then two batched matmuls per group."""
+    y = torch.zeros(x.shape[0], wb.shape[1], dtype=x.dtype, device=x.device) if y is None else y
+    if t.n_seg == 0:
+        return y
+    T = t.max_len
+    for r in np.unique(t.seg_rank).tolist():
+        segs = np.nonzero(t.seg_rank == r)[0]
+        slots = t.a_loc[(t.seg_astart[segs] + r * proj)[:, None] + np.arange(r)[None, :]]      # [G, r]
+        sl = torch.from_numpy(slots).to(x.device)
+        A = wa[sl]                                                                          # [G, r, H]
+        B = wb[sl]                                                                          # [G, r, H]
+        valid = np.arange(T)[None, :] < t.seg_len[segs][:, None]                            # [G, T]
+        tok_np = np.where(valid, t.seg_start[segs][:, None] + np.arange(T)[None, :], 0)
+        tok = torch.from_numpy(tok_np).to(x.device)
+        yg = torch.bmm(torch.bmm(x[tok], A.transpose(1, 2)), B)                            # [G, T, H]
+        yg = yg * torch.from_numpy(t.seg_scale[segs]).to(x.device, x.dtype)[:, None, None]
+        vm = torch.from_numpy(valid).to(x.device)
+        y.index_add_(0, tok[vm], yg[vm])
+    return y
+
+
+def lora_padded_bmm(x: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor, t: PoolTables, proj: int,
+                    y: torch.Tensor | None = None) -> torch.Tensor:
+    """S-LoRA-bmm baseline: copy each request's A and B into contiguous ``[S, r_max, H]`` tensors
+    (zero-padded past its rank), then ``torch.bmm`` over the padded, per-token-expanded batch."""
+    y = torch.zeros(x.shape[0], wb.shape[1], dtype=x.dtype, device=x.device) if y is None else y
+    if t.n_seg == 0:
+        return y
+    R, H = t.max_rank, wa.shape[1]
+    A = torch.zeros(t.n_seg, R, H, dtype=wa.dtype, device=wa.device)
+    B = torch.zeros(t.n_seg, R, wb.shape[1], dtype=wb.dtype, device=wb.device)
+    j = np.arange(R)[None, :]
+    valid = j < t.seg_rank[:, None]                                                           # [S, R]
+    idx = np.where(valid, t.a_loc[np.minimum(t.seg_astart[:, None] + t.seg_rank[:, None] * proj + j,
+                                             len(t.a_loc) - 1)], 0)
+    sl = torch.from_numpy(idx).to(x.device)
+    m = torch.from_numpy(valid).to(x.device)[..., None]
+    A.copy_(wa[sl] * m)
+    B.copy_(wb[sl] * m)
+    tok = torch.from_numpy(_segment_tokens(t, range(t.n_seg))).to(x.device)
+    which = torch.from_numpy(np.repeat(np.arange(t.n_seg), t.seg_len)).to(x.device)
+    v = torch.bmm(x[tok].unsqueeze(1), A[which].transpose(1, 2))                              # [n_tok, 1, R]
+    out = torch.bmm(v, B[which]).squeeze(1)
+    sc = torch.from_numpy(t.seg_scale).to(x.device, x.dtype)[which]
+    y[tok] += out * sc[:, None]
+    return y
+
+
+def mbgmm_ref(x: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor, t: PoolTables, proj: int) -> torch.Tensor:
+    """float32 reference: for each request, ``s · x A B`` with A, B rebuilt densely from the pool."""
+    y = torch.zeros(x.shape[0], wb.shape[1], dtype=torch.float32)
+    xf, waf, wbf = x.float().cpu(), wa.float().cpu(), wb.float().cpu()
+    for s in range(t.n_seg):
+        rows = torch.from_numpy(t.rows_of(s, proj))
+        A = waf[rows].T                        # [H, r]
+        B = wbf[rows]                          # [r, H]
+        a, n = int(t.seg_start[s]), int(t.seg_len[s])
+        y[a:a + n] += float(t.seg_scale[s]) * (xf[a:a + n] @ A) @ B
+    return y
+
+
+def gathered_elements(t: PoolTables, H: int, method: str, n_proj: int = 4) -> int:
+    """Adapter weight elements read per layer for this batch, counted from the index tensors.
+
+    ``mbgmv``/``mbgmm``/``torch``: the rows actually addressed, ``Σ_requests 2·n_proj·H·r_b``
+    (A and B of each projection); ``bmm``: the padded copies, ``Σ_requests 2·n_proj·H·r_max``."""
+    if t.n_seg == 0:
+        return 0
+    if method == "bmm":
+        per = np.full(t.n_seg, t.max_rank)
+    else:
+        per = t.seg_rank
+    return int(2 * n_proj * H * per.sum())

@@ -1,0 +1,78 @@
+"""MBGMM / MBGMV (heterogeneous ranks, scattered pool slots) against the float32 reference."""
+
+import numpy as np
+import pytest
+import torch
+
+from mlsys24.slora.mbgmv import (
+    gathered_elements,
+    lora_mbgmm,
+    lora_mbgmv,
+    lora_padded_bmm,
+    lora_pool_torch,
+    make_tables,
+    mbgmm_ref,
+)
+
+TOL = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 6e-2}  # fp16/bf16: inputs rounded to 10/7 bits
+
+
+def _pool_batch(H, ranks, lens, dtype, seed=0, n_slots=None, noncontig=False):
+    g = torch.Generator().manual_seed(seed)
+    need = sum(4 * r for r in ranks)
+    n_slots = n_slots or need + 37
+    wa = torch.randn(n_slots, H, generator=g) / H**0.5
+    wb = torch.randn(n_slots, H, generator=g) * 0.1
+    if noncontig:  # every other column of a wider buffer
+        wa = (torch.randn(n_slots, 2 * H, generator=g) / H**0.5)[:, ::2]
+    perm = torch.randperm(n_slots, generator=g).numpy()[:need]      # shuffled, scattered slots
+    starts = np.concatenate([[0], np.cumsum([4 * r for r in ranks])[:-1]])
+    seg_start = np.concatenate([[0], np.cumsum(lens)[:-1]])
+    N = int(sum(lens))
+    x = torch.randn(N, H, generator=g)
+    scale = np.array([2.0 / r for r in ranks])
+    t = make_tables(seg_start, lens, starts, ranks, scale, perm, N, "cpu")
+    return x.to(dtype), wa.to(dtype), wb.to(dtype), t
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("H,ranks,lens", [(64, [4, 8, 16], [7, 1, 20]), (83, [8, 1, 16, 4], [1, 3, 2, 17]),
+                                          (127, [16, 8], [5, 1])])
+def test_mbgmm_matches_reference(dtype, H, ranks, lens):
+    x, wa, wb, t = _pool_batch(H, ranks, lens, dtype)
+    ref = mbgmm_ref(x, wa, wb, t, proj=2)
+    out = lora_mbgmm(x, wa, wb, t, proj=2)
+    torch.testing.assert_close(out.float(), ref, atol=TOL[dtype], rtol=TOL[dtype])
+    tor = lora_pool_torch(x.float(), wa.float(), wb.float(), t, proj=2)
+    torch.testing.assert_close(tor, ref, atol=1e-4, rtol=1e-4)
+    bmm = lora_padded_bmm(x.float(), wa.float(), wb.float(), t, proj=2)
+    torch.testing.assert_close(bmm, ref, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("H,ranks", [(64, [4, 16, 8, 16, 1]), (7, [2, 3]), (127, [32, 8, 64])])
+def test_mbgmv_matches_reference(dtype, H, ranks):
+    x, wa, wb, t = _pool_batch(H, ranks, [1] * len(ranks), dtype, seed=3)
+    for proj in (0, 3):
+        ref = mbgmm_ref(x, wa, wb, t, proj=proj)
+        out = lora_mbgmv(x, wa, wb, t, proj=proj)
+        torch.testing.assert_close(out.float(), ref, atol=TOL[dtype], rtol=TOL[dtype])
+
+
+def test_noncontiguous_pool_and_empty_batch():
+    x, wa, wb, t = _pool_batch(64, [8, 4], [3, 1], torch.float32, noncontig=True)
+    assert not wa.is_contiguous()
+    torch.testing.assert_close(lora_mbgmm(x, wa, wb, t, 1), mbgmm_ref(x, wa, wb, t, 1), atol=1e-4, rtol=1e-4)
+    e = make_tables([], [], [], [], [], [], 5, "cpu")
+    assert lora_mbgmm(torch.ones(5, 64), wa, wb, e, 0).abs().sum() == 0
+
+
+def test_gathered_elements_counts():
+    _, _, _, t = _pool_batch(64, [8, 64, 16], [1, 1, 1], torch.float32)
+    assert gathered_elements(t, 64, "mbgmv") == 8 * 64 * (8 + 64 + 16)
+    assert gathered_elements(t, 64, "bmm") == 8 * 64 * 64 * 3
+
+
+def test_tables_reject_bad_segments():
+    with pytest.raises(ValueError):
+        make_tables([0], [4], [0], [8], [1.0], np.arange(8), 4, "cpu")   # needs 32 slot ids
