@@ -45,6 +45,8 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "smartpaf": ("mlsys24.privacy.bench:run",
                  "SmartPAF: VGG-11-bn (32x32 upsampled digits) technique ablation, all 13 ReLU/MaxPool replaced, "
                  "PAFs 2f12g1/f1g2/a7 at DS+SS, seeds within a 220 s budget (~3 min on an H200)"),
+    "vidur": ("mlsys24.sim.bench:run",
+              "Vidur: 7B operator profile + random forests, real engine vs simulator (vLLM/Sarathi), simulator speed"),
     "awq": ("mlsys24.quant.bench:run", "AWQ W4A16 Triton GEMM/GEMV vs cuBLAS fp16, Llama-7B shapes, M=1..64"),
 }
 
