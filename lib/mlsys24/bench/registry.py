@@ -47,6 +47,8 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
                  "PAFs 2f12g1/f1g2/a7 at DS+SS, seeds within a 220 s budget (~3 min on an H200)"),
     "vidur": ("mlsys24.sim.bench:run",
               "Vidur: 7B operator profile + random forests, real engine vs simulator (vLLM/Sarathi), simulator speed"),
+    "atom": ("mlsys24.quant.atom_bench:run",
+             "Atom: W4A4 (INT8-MMA) GEMM vs cuBLAS fp16 / torch._int_mm, KV4 decode attention, serving estimate"),
     "awq": ("mlsys24.quant.bench:run", "AWQ W4A16 Triton GEMM/GEMV vs cuBLAS fp16, Llama-7B shapes, M=1..64"),
 }
 
