@@ -67,3 +67,12 @@ def test_render_pending_writes_png_in_its_own_process(tmp_path):
     png = tmp_path / "figs" / "demo" / "line.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list((tmp_path / "queue").glob("*.json"))
+
+
+def test_headless_runs_skip_the_widgets_unless_asked(tmp_path):
+    nb = tmp_path / "07_awq.ipynb"
+    assert reproduce._params_for(nb, {}) == {"INTERACTIVE": False}
+    assert reproduce._params_for(nb, {}, interactive=True) == {}
+    assert reproduce._params_for(nb, {"INTERACTIVE": True, "SEED": 3}) == {"INTERACTIVE": True, "SEED": 3}
+    per_paper = {"07": {"SEED": 1}, "awq": {"N_GRID": 5}, "01": {"SEED": 9}}
+    assert reproduce._params_for(nb, per_paper) == {"SEED": 1, "N_GRID": 5, "INTERACTIVE": False}

@@ -4,6 +4,10 @@ One process per notebook (a crash or a leaked thread in one paper cannot affect 
 defaults of each notebook's ``parameters`` cell unless ``--params file.yaml`` overrides them, and
 a summary of pass/fail/time per paper at the end. The YAML either holds parameters for every
 notebook (``{N_REQUESTS: 1000}``) or per paper (``{"01": {...}, awq: {...}}``).
+
+Headless runs pass ``INTERACTIVE=False`` (unless ``--interactive`` or the YAML sets it): the Explore
+sections' ipywidgets only make sense in JupyterLab, and nbclient can wait forever on a cell whose
+Output widget clears and rewrites itself while being captured.
 """
 
 from __future__ import annotations
@@ -41,7 +45,14 @@ def _select(keys: list[str] | None) -> list[Path]:
     return out
 
 
-def _params_for(nb: Path, params: dict) -> dict:
+def _params_for(nb: Path, params: dict, interactive: bool = False) -> dict:
+    out = _user_params_for(nb, params)
+    if not interactive:
+        out.setdefault("INTERACTIVE", False)
+    return out
+
+
+def _user_params_for(nb: Path, params: dict) -> dict:
     if not params:
         return {}
     keys = {p.number for p in PAPERS} | {p.slug for p in PAPERS} | {"00", "index"}
@@ -52,7 +63,7 @@ def _params_for(nb: Path, params: dict) -> dict:
         for k in (number, slug):
             merged.update(params.get(k, {}) or {})
         return merged
-    return params
+    return dict(params)
 
 
 def _load_params(path: str | None) -> dict:
@@ -148,6 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--notebook-timeout", type=float, default=3 * 3600,
                     help="wall-clock limit per notebook in seconds; a run past it is killed and tried once more")
     ap.add_argument("--figures", action="store_true", help="require PNG export of every figure (needs Chromium)")
+    ap.add_argument("--interactive", action="store_true",
+                    help="keep INTERACTIVE=True (build the Explore widgets) in headless runs")
     args = ap.parse_args(argv)
 
     keys = [k for arg in (args.paper or []) for k in arg.split(",") if k.strip()]
@@ -175,7 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for nb in notebooks:
         print(f"[reproduce] {nb.name} ...", flush=True)
-        ok, dt, log = run_notebook(nb, args.out, _params_for(nb, params), args.timeout, env, args.notebook_timeout)
+        ok, dt, log = run_notebook(nb, args.out, _params_for(nb, params, args.interactive), args.timeout, env,
+                                   args.notebook_timeout)
         rows.append((nb.stem, ok, dt, "" if ok else _last_error(log)))
         print(f"[reproduce] {nb.name}: {'PASS' if ok else 'FAIL'} in {dt:.1f} s", flush=True)
 
