@@ -16,8 +16,8 @@
 #     headline: 'Paper: W4A4-KV4 Llama-7B serving up to 7.73x FP16 throughput (RTX 4090,
 #       INT4 MMA), WikiText-2 PPL 5.68 -> ~6.2. Ours (tiny Llama, 8 injected outlier
 #       channels): RTN W4A4 PPL 71.0 vs Atom 2.37 (FP 2.33); Triton W4A4/INT8-MMA GEMM
-#       and KV4 attention exact vs integer references; GPU GEMM/serving numbers not
-#       measured yet'
+#       and KV4 attention exact vs integer references; H200: our W4A4 GEMM 0.21-0.51x
+#       cuBLAS fp16 (NOT reproduced), serving not measured'
 #     paper: '14'
 #     slug: atom
 #     status: partial

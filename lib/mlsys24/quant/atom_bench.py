@@ -79,7 +79,9 @@ def _bench_gemm(name, N, K, Ms, dev, repeats, tune_repeats, deadline, recs, log)
     w = (torch.randn(N, K, generator=g) * 0.02).to(dev)
     w16 = w.half() if gpu else w
     p = pack_weight_w4a4(w, group, keeper)
-    w8 = torch.randint(-127, 128, (K, N), generator=g, dtype=torch.int8).to(dev)
+    # [K, N] view of an [N, K] row-major weight: the column-major operand cuBLASLt's int8 GEMM wants (a
+    # row-major [K, N] int8 matrix sends torch._int_mm to a several-times slower path)
+    w8 = torch.randint(-127, 128, (N, K), generator=g, dtype=torch.int8).to(dev).t()
     nw = torch.ones(K, device=dev)
     idx = torch.randperm(K, generator=g).to(dev)
     for M in Ms:
@@ -145,15 +147,15 @@ def _bench_attention(batches, dev, repeats, deadline, recs, log):
 
     gpu = dev == "cuda"
     H, D, S = (N_HEADS, HEAD_DIM, CTX) if gpu else (2, 64, 40)
-    g = torch.Generator(device=dev).manual_seed(1)
+    g = torch.Generator(device="cpu").manual_seed(1)
     for B in batches:
         if time.time() > deadline:
             recs.append({"kind": "attention", "B": B, "provider": "skipped", "reason": "time budget"})
             continue
         dt = torch.float16 if gpu else torch.float32
         q = torch.randn(B, H, D, generator=g).to(dev)
-        k = torch.randn(B, S, H, D, generator=g, dtype=dt, device=dev)
-        v = torch.randn(B, S, H, D, generator=g, dtype=dt, device=dev)
+        k = torch.randn(B, S, H, D, generator=g, dtype=dt).to(dev)
+        v = torch.randn(B, S, H, D, generator=g, dtype=dt).to(dev)
         q16, k16, v16 = q.to(dt)[:, :, None], k.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous()
         t = _time(lambda: F.scaled_dot_product_attention(q16, k16, v16), repeats, gpu)
         kv_b = 2 * B * S * H * D * (2 if gpu else 4)
