@@ -8,9 +8,30 @@ compatibility fix to Triton's interpreter (see :func:`_interpreter_numpy_compat`
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import os
 
-__all__: list[str] = []   # import from the submodules: decode_attention, flat_gemm, dispatch
+__all__ = ["no_overflow_checks"]   # kernels: import from the submodules (decode_attention, flat_gemm, dispatch)
+
+
+@contextlib.contextmanager
+def no_overflow_checks():
+    """Under the CPU interpreter (``TRITON_INTERPRET=1``), skip its int32-overflow assertions while
+    the kernels launched inside run: they double the interpreter's cost, and compiled kernels never
+    run them. No effect on a GPU."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        yield
+        return
+    from triton.runtime import interpreter as _interp
+
+    b = _interp.interpreter_builder
+    old = b.options
+    b.options = dataclasses.replace(old, sanitize_overflow=False)
+    try:
+        yield
+    finally:
+        b.options = old
 
 
 def _interpreter_numpy_compat() -> None:

@@ -17,8 +17,6 @@
 
 from __future__ import annotations
 
-from collections import deque
-
 from ..serving.engine import Engine
 from ..serving.graph import BATCH_BUCKETS
 from ..serving.kv_policy import KVPolicy
@@ -64,20 +62,15 @@ class SameAdapterScheduler(Scheduler):
             key = self.swapped[0].request.adapter_id
         elif self.waiting:
             key = self.waiting[0].request.adapter_id
-        hidden: deque = deque()
-        if key is not None:
-            n = 0
-            for s in self.waiting:
-                if s.request.adapter_id != key:
-                    break
-                n += 1
-            while len(self.waiting) > n:
-                hidden.appendleft(self.waiting.pop())
-        try:
-            plan = super().schedule(ledger)
-        finally:
-            self.waiting.extend(hidden)
-        return plan
+        if key is None:
+            return super().schedule(ledger)
+        n = 0
+        for s in self.waiting:
+            if s.request.adapter_id != key:
+                break
+            n += 1
+        with self.only_visible(n):
+            return super().schedule(ledger)
 
 
 class LoRAEngine(Engine):

@@ -41,22 +41,16 @@ needs tiles of at least 16).
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-
-try:  # CPU interpreter fixes (NumPy >= 2.4 scalars, bf16 tl.dot); a no-op on GPU
-    import mlsys24.kernels  # noqa: F401
-except ImportError:  # pragma: no cover
-    pass
-
 import triton
 import triton.language as tl
+
+from mlsys24.kernels import no_overflow_checks as _launch  # also: the CPU interpreter fixes (no-op on GPU)
 
 __all__ = [
     "Segments", "segments_from_slots", "segments_from_indptr",
@@ -337,22 +331,6 @@ def _bgmv_expand_kernel(v_ptr, w_ptr, y_ptr, scale_ptr, idx_ptr, N, R,
 # ------------------------------------------------------------------------------------------------
 # launch parameters
 # ------------------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def _launch():
-    """Under the CPU interpreter, skip its int32-overflow assertions while our kernels run (they
-    double the interpreter's cost; compiled kernels never run them). No effect on a GPU."""
-    if not INTERPRET:
-        yield
-        return
-    from triton.runtime import interpreter as _interp
-
-    b = _interp.interpreter_builder
-    old = b.options
-    b.options = dataclasses.replace(old, sanitize_overflow=False)
-    try:
-        yield
-    finally:
-        b.options = old
 
 
 def _pow2(n: int, lo: int = 1) -> int:

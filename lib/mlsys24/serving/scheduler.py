@@ -22,6 +22,7 @@ drops the victim's K/V and re-prefills it later; ``swap`` moves it to host memor
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections import deque
 from collections.abc import Iterable
@@ -201,6 +202,20 @@ class Scheduler:
         total = math.ceil((seq.prompt_len + seq.request.max_new_tokens) / ledger.block_size)
         if total > ledger.n_total():
             raise CannotSchedule(f"request {seq.rid} needs {total} KV blocks, the pool has {ledger.n_total()}")
+
+    @contextlib.contextmanager
+    def only_visible(self, visible: int):
+        """Within the block, only the first ``visible`` waiting sequences are in the queue; the rest
+        rejoin it, in order, afterwards. For policies that gate admission (one adapter per batch,
+        only requests whose adapter is resident): ``with self.only_visible(n): plan =
+        super().schedule(ledger)``."""
+        hidden: deque = deque()
+        while len(self.waiting) > max(visible, 0):
+            hidden.appendleft(self.waiting.pop())
+        try:
+            yield
+        finally:
+            self.waiting.extend(hidden)
 
     def schedule(self, ledger: KVLedger) -> StepPlan:
         """Plan one step and apply its queue transitions (admit, preempt, swap in)."""

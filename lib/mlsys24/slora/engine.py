@@ -23,7 +23,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import time
-from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
@@ -217,14 +216,8 @@ class SLoRAScheduler(Scheduler):
             protect.add(a)
             reserved += need_kv
             visible += 1
-        hidden: deque = deque()
-        while len(self.waiting) > visible:
-            hidden.appendleft(self.waiting.pop())
-        try:
-            plan = super().schedule(ledger)
-        finally:
-            self.waiting.extend(hidden)
-        return plan
+        with self.only_visible(visible):
+            return super().schedule(ledger)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -35,21 +35,15 @@ counted from the index tensors).
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import os
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-
-try:  # CPU interpreter fixes (NumPy >= 2.4 scalars, bf16 tl.dot); a no-op on GPU
-    import mlsys24.kernels  # noqa: F401
-except ImportError:  # pragma: no cover
-    pass
-
 import triton
 import triton.language as tl
+
+from mlsys24.kernels import no_overflow_checks as _launch  # also: the CPU interpreter fixes (no-op on GPU)
 
 __all__ = ["PoolTables", "make_tables", "lora_mbgmm", "lora_mbgmv", "mbgmm_shrink", "mbgmm_expand",
            "mbgmv_shrink", "mbgmv_expand", "lora_pool_torch", "lora_padded_bmm", "mbgmm_ref",
@@ -229,22 +223,6 @@ def _mbgmv_expand_kernel(v_ptr, wb_ptr, y_ptr, table_ptr, scale_ptr, n_seg, N, p
 # ------------------------------------------------------------------------------------------------
 # launchers
 # ------------------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def _launch():
-    """Under the CPU interpreter, skip its int32-overflow checks while our kernels run (compiled
-    kernels never run them)."""
-    if not INTERPRET:
-        yield
-        return
-    from triton.runtime import interpreter as _interp
-
-    b = _interp.interpreter_builder
-    old = b.options
-    b.options = dataclasses.replace(old, sanitize_overflow=False)
-    try:
-        yield
-    finally:
-        b.options = old
 
 
 def _pow2(n: int, lo: int = 16) -> int:
