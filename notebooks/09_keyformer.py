@@ -13,12 +13,14 @@
 #     language: python
 #     name: python3
 #   mlsys24:
-#     headline: 'Paper: >=99% of full accuracy at 70% KV, 2.1x lower latency and 2.4x tokens/s
-#       at 50% KV (A100). Ours: tiny Llama at 50% KV, Keyformer beats window attention on
-#       PPL/KL/top-1/ROUGE-L (3 noise replicas); H200, 7B shape, 8K prompts: compaction alone
-#       (window-50%) 1.40x Full tokens/s, but Keyformer-50% 0.88x (scoring costs 37% of its step)
-#       and 1.08x at the 2.2x larger batch that fits: speed-up NOT reproduced'
-#     paper: '09'
+#     figure: quality_vs_budget
+#     headline: 'Paper: >=99% of full accuracy at 70% KV, 2.1x lower latency and 2.4x
+#       tokens/s at 50% KV (A100). Ours: tiny Llama at 50% KV, Keyformer beats window
+#       attention on PPL/KL/top-1/ROUGE-L (3 noise replicas); H200, 7B shape, 8K prompts:
+#       compaction alone (window-50%) 1.40x Full tokens/s, but Keyformer-50% 0.88x (scoring
+#       costs 37% of its step) and 1.08x at the 2.2x larger batch that fits: speed-up
+#       NOT reproduced'
+#     paper: 09
 #     slug: keyformer
 #     status: partial
 # ---

@@ -13,6 +13,7 @@
 #     language: python
 #     name: python3
 #   mlsys24:
+#     figure: ablation_staircase
 #     headline: 'Paper: W4A4-KV4 Llama-7B serving up to 7.73x FP16 throughput (RTX 4090,
 #       INT4 MMA), WikiText-2 PPL 5.68 -> ~6.2. Ours (tiny Llama, 8 injected outlier
 #       channels): RTN W4A4 PPL 71.0 vs Atom 2.37 (FP 2.33); Triton W4A4/INT8-MMA GEMM

@@ -515,14 +515,17 @@ if dist_files:
         for sa in (False, True):
             pts = sorted((p, v) for (s_, p, c, sa_), v in dist_gpu.items() if s_ == sampler and sa_ == sa and c == 1)
             name = f"{'SAGE' if sampler == 'sage' else 'LADIES'} {'sparsity-aware' if sa else 'broadcast'}"
-            style = dict(color=viz.color("matrix" if sampler == "sage" else "ladies"), dash="dot" if sa else "solid")
+            style = dict(color=viz.color("matrix") if sampler == "sage" else viz.color("ladies (matrix)"),
+                         dash="dot" if sa else "solid")
             fig4b.add_scatter(x=[p for p, _ in pts], y=[v["time_ms"] for _, v in pts], mode="lines+markers",
                               name=name, line=style, legendgroup=name, row=1, col=1)
             fig4b.add_scatter(x=[p for p, _ in pts], y=[v["recv_mb"] for _, v in pts], mode="lines+markers",
                               name=name, line=style, legendgroup=name, showlegend=False, row=1, col=2)
     viz.apply_template(fig4b, title=f"1.5D bulk sampling on {dres.meta.get('device')} GPUs (NCCL, c = 1)")
-    fig4b.update_xaxes(title_text="GPUs p", dtick=1)
-    fig4b.update_yaxes(title_text="ms per bulk call", type="log", row=1, col=1)
+    ps_ = sorted({p for (_, p, _, _) in dist_gpu})
+    fig4b.update_xaxes(tickvals=ps_, ticktext=[f"{p} GPU" + ("s" if p > 1 else "") for p in ps_])
+    fig4b.update_yaxes(title_text="ms per bulk call", type="log", dtick=1, row=1, col=1)
+    fig4b.update_layout(margin=dict(t=170), legend=dict(y=1.32))
     fig4b.update_yaxes(title_text="MB", row=1, col=2)
     viz.caption(fig4b, wrap(f"Ours: R-MAT scale {dres.config['scale']}, {dres.config['n_batches']} minibatches of "
                             f"{dres.config['batch_size']} in bulk, fanouts {dres.config['fanouts']}, LADIES "

@@ -13,6 +13,7 @@
 #     language: python
 #     name: python3
 #   mlsys24:
+#     figure: ttft_gpu_headline
 #     headline: 'Paper: TTFT 8x on GPU, 60x on CPU, accuracy kept. Ours: H200, 7B-shaped
 #       fp16, q=32: modules in GPU memory 8.9x at 4K and 14.3x at 8K cached tokens (CUDA
 #       graphs; 3.4x / 4.8x eager), host memory 2.4x / 2.8x; 1B-shaped on the H200 box

@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import shutil
+import textwrap
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -40,6 +41,8 @@ COLORS: dict[str, str] = {
     "uncompressed": "#1f77b4", "uniform": "#ff7f0e", "lgreco": "#d62728",
     "loop_sampler": "#8c564b", "matrix": "#d62728", "pyg": "#1f77b4",
     "simulated": "#ff7f0e", "measured": "#1f77b4",
+    "slora": "#d62728", "no_unify": "#9467bd", "bmm": "#bcbd22", "peft": "#2ca02c", "merged": "#17becf",
+    "ladies": "#2ca02c",
 }
 _PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
             "#bcbd22", "#17becf"]
@@ -67,6 +70,11 @@ def apply_template(fig: go.Figure, *, title: str | None = None, x: str | None = 
                    height: int = 420, width: int | None = 760) -> go.Figure:
     """Apply the workbench template and (optionally) the title and axis titles (with units)."""
     fig.update_layout(template="mlsys24", height=height, width=width)
+    if _has_subplot_titles(fig):
+        # subplot titles sit just above each plot: lift the legend band above them
+        t = max(fig.layout.margin.t or 0, 160)
+        plot_h = max(height - t - 110, 120)
+        fig.update_layout(margin=dict(t=t), legend=dict(y=1.0 + 30 / plot_h))
     if title is not None:
         fig.update_layout(title=title)
     if x is not None:
@@ -74,6 +82,11 @@ def apply_template(fig: go.Figure, *, title: str | None = None, x: str | None = 
     if y is not None:
         fig.update_yaxes(title_text=y)
     return fig
+
+
+def _has_subplot_titles(fig: go.Figure) -> bool:
+    return any(a.yref == "paper" and a.y is not None and a.y >= 1.0 and a.yanchor == "bottom"
+               for a in fig.layout.annotations or ())
 
 
 def paper_vs_ours(categories: Sequence[str], ours: Sequence[float | None], paper: Sequence[float | None], *,
@@ -90,11 +103,19 @@ def paper_vs_ours(categories: Sequence[str], ours: Sequence[float | None], paper
 
 
 def caption(fig: go.Figure, text: str) -> go.Figure:
-    """Put a caption (scale-downs, provenance) under the plot area."""
-    fig.add_annotation(text=text, xref="paper", yref="paper", x=0, y=-0.22, xanchor="left", yanchor="top",
-                       showarrow=False, font=dict(size=10, color="#555"), align="left")
+    """Put a caption (scale-downs, provenance) under the plot area; lines longer than the figure is
+    wide are wrapped (at ``<br>`` first)."""
+    chars = max(60, int((fig.layout.width or 760) / 6.3))
+    lines = [w for part in text.split("<br>") for w in (textwrap.wrap(part, chars) or [""])]
+    text = "<br>".join(lines)
+    # below the tick labels and the x-axis title (~75 px), in paper units of the final plot height
     b = fig.layout.margin.b if fig.layout.margin and fig.layout.margin.b else 70
-    fig.update_layout(margin=dict(b=max(b, 110)))
+    b = max(b, 85 + 14 * len(lines))
+    t = fig.layout.margin.t if fig.layout.margin and fig.layout.margin.t is not None else 120
+    plot_h = max((fig.layout.height or 420) - t - b, 80)
+    fig.add_annotation(text=text, xref="paper", yref="paper", x=0, y=-75 / plot_h, xanchor="left", yanchor="top",
+                       showarrow=False, font=dict(size=10, color="#555"), align="left")
+    fig.update_layout(margin=dict(b=b))
     return fig
 
 
