@@ -32,3 +32,13 @@ def _seed():
     torch.manual_seed(0)
     torch.set_num_threads(1)  # small tensors; and xdist runs one worker per core
     yield
+
+
+@pytest.fixture(autouse=True)
+def _grad_mode_is_restored():
+    """Every test leaves autograd as it found it (a generator abandoned inside ``torch.no_grad()``
+    would silently disable gradients for the tests that follow on the same worker)."""
+    before = torch.is_grad_enabled()
+    yield
+    assert torch.is_grad_enabled() == before, "the test left torch's grad mode changed"
+    torch.set_grad_enabled(before)

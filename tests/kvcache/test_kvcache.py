@@ -43,14 +43,15 @@ def _steps(model, prompts, conts, policy, mode):
     """Yield the cache after the prompt and after every decode step."""
     B, n = prompts.shape
     cache = PolicyKVCache.for_model(model, B, n, conts.shape[1], policy, mode=mode)
-    with torch.no_grad():
-        with policy_backend(model):
-            model(prompts, kv_cache=cache)
+    # grad mode and backend are scoped to each forward, never held across a yield: a consumer that
+    # stops early (zip with a shorter sequence) must not leave autograd disabled for later tests
+    with torch.no_grad(), policy_backend(model):
+        model(prompts, kv_cache=cache)
+    yield cache
+    for t in range(conts.shape[1] - 1):
+        with torch.no_grad(), policy_backend(model):
+            model(conts[:, t:t + 1], kv_cache=cache)
         yield cache
-        for t in range(conts.shape[1] - 1):
-            with policy_backend(model):
-                model(conts[:, t:t + 1], kv_cache=cache)
-            yield cache
 
 
 def test_gumbel_moments():
