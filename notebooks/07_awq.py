@@ -543,7 +543,7 @@ if RUN_KERNEL_CHECK:
 # 23.4 MB in W4A16 (~5.6 µs).
 
 # %%
-from mlsys24.bench import load_results
+from mlsys24.bench import gpu_results
 from mlsys24.quant.w4a16 import weight_bytes
 
 for (name, (N, K)) in {"qkvo": (4096, 4096), "gate_up": (11008, 4096), "down": (4096, 11008),
@@ -551,18 +551,8 @@ for (name, (N, K)) in {"qkvo": (4096, 4096), "gate_up": (11008, 4096), "down": (
     fp16, w4 = 2 * N * K, weight_bytes(N, K, 128)
     print(f"{name:8s} [{N} x {K}]: fp16 {fp16 / 1e6:6.1f} MB, W4A16 {w4 / 1e6:6.1f} MB -> ideal {fp16 / w4:.2f}x")
 
-GPU_RES = None
-if BENCH == "auto" and GPU:                         # re-measure live (quick plan) on this GPU
-    import argparse
-
-    from mlsys24.quant import bench as awq_bench
-
-    _root = Path(tempfile.mkdtemp())
-    awq_bench.run(argparse.Namespace(quick=True, out=_root / SLUG, extra=[]))
-    GPU_RES = load_results(SLUG, include_quick=True, root=_root)[0]
-elif BENCH != "skip":                               # the committed results of `python -m mlsys24.bench awq`
-    _files = load_results(SLUG)
-    GPU_RES = _files[0] if _files else None
+# live (quick plan) on a GPU, else the committed results of `python -m mlsys24.bench awq`
+GPU_RES = gpu_results(SLUG, BENCH)
 if GPU_RES is None:
     print("no GPU results: run `PYTHONPATH=lib python3 -m mlsys24.bench awq` on a GPU machine")
 else:

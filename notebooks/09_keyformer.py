@@ -425,22 +425,9 @@ fig.show()
 # CUDA graph, Full cache (FlashDecoding split-KV kernel from card 11) vs compacted caches at 50 %.
 
 # %%
-import argparse
-import tempfile
-from pathlib import Path
+from mlsys24.bench import gpu_results
 
-from mlsys24.bench import load_results
-
-GPU_RES = None
-if BENCH == "auto" and GPU:
-    from mlsys24.kvcache import bench as kf_bench
-
-    _root = Path(tempfile.mkdtemp())
-    kf_bench.run(argparse.Namespace(quick=True, out=_root / SLUG))
-    GPU_RES = load_results(SLUG, include_quick=True, root=_root)[0]
-elif BENCH != "skip":
-    _files = load_results(SLUG)
-    GPU_RES = _files[0] if _files else None
+GPU_RES = gpu_results(SLUG, BENCH)   # live (quick plan) on a GPU, else the committed JSON
 if GPU_RES is None:
     print("no GPU results: run `PYTHONPATH=lib python3 -m mlsys24.kvcache.bench` on a GPU machine")
 else:

@@ -491,23 +491,11 @@ assert picked == argmin and fit["M1"] <= fit["M2"]                              
 # write-back. Figures use *flush* (comparable with the anchors); the claims are printed for both.
 
 # %%
-from mlsys24.bench import load_results
+from mlsys24.bench import gpu_results, load_results
 from mlsys24.kernels.bench_fdpp import summarize
 
-RES = None
-if BENCH == "auto" and GPU:                      # live: the quick benchmark, into a temporary directory
-    import tempfile
-    import types
-    from pathlib import Path
-
-    from mlsys24.kernels import bench_fdpp
-
-    tmp = Path(tempfile.mkdtemp()) / SLUG
-    bench_fdpp.run(types.SimpleNamespace(quick=True, out=tmp, extra=[]))
-    RES = load_results(SLUG, include_quick=True, root=tmp.parent)[0]
-elif BENCH in ("auto", "json"):
-    files = [r for r in load_results(SLUG) if r.meta.get("device_type") == "cuda" and r.config.get("kind") != "e2e"]
-    RES = files[0] if files else None
+# live: the quick benchmark into a temporary directory on a GPU; else the committed kernel results
+RES = gpu_results(SLUG, BENCH, where=lambda f: f.meta.get("device_type") == "cuda" and f.config.get("kind") != "e2e")
 if RES is None:
     print("No GPU results: run `PYTHONPATH=lib python3 -m mlsys24.bench flashdecoding_pp` on a GPU "
           "(writes data/results/flashdecoding_pp/<gpu>.json); the GPU figures and claims are skipped.")

@@ -386,22 +386,9 @@ print(f"bytes/param W4-g128 + 3.1 % INT8 outliers: {wb_atom:.4f} (plain 0.5 + 2/
 # ## 5. GPU: W4A4 GEMM vs cuBLAS fp16 and INT8 `torch._int_mm`; attention over a 4-bit KV cache
 
 # %%
-from mlsys24.bench import load_results
+from mlsys24.bench import gpu_results
 
-GPU_RES = None
-if BENCH == "auto" and GPU:                         # re-measure live (quick plan) on this GPU
-    import argparse
-    import tempfile
-    from pathlib import Path
-
-    from mlsys24.quant import atom_bench
-
-    _root = Path(tempfile.mkdtemp())
-    atom_bench.run(argparse.Namespace(quick=True, out=_root / SLUG))
-    GPU_RES = load_results(SLUG, include_quick=True, root=_root)[0]
-elif BENCH != "skip":
-    _files = load_results(SLUG)
-    GPU_RES = _files[0] if _files else None
+GPU_RES = gpu_results(SLUG, BENCH)   # live (quick plan) on a GPU, else the committed JSON
 if GPU_RES is None:
     print("no GPU results: run `PYTHONPATH=lib python3 -m mlsys24.bench atom` on a GPU machine")
 else:

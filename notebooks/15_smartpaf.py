@@ -105,7 +105,7 @@ from IPython.display import display
 from plotly.subplots import make_subplots
 
 from mlsys24 import viz
-from mlsys24.bench import environment, load_results
+from mlsys24.bench import environment, gpu_results, load_results
 from mlsys24.privacy import ckks
 from mlsys24.privacy.ablation import DEFAULT_STUDY, StudyConfig, digits_study, float_model
 from mlsys24.privacy.digits import evaluate
@@ -679,21 +679,10 @@ print(f"notebook compute so far: {time.perf_counter() - T_START:.1f} s (training
 
 # %%
 VGG_CMD = "PYTHONPATH=lib python3 -m mlsys24.bench smartpaf"
-VGG_RES = None
-if VGG_BENCH == "auto" and torch.cuda.is_available():
-    import argparse
-    import tempfile
-    from pathlib import Path
-
-    from mlsys24.privacy import bench as vgg_bench
-
-    _root = Path(tempfile.mkdtemp())
-    vgg_bench.run(argparse.Namespace(quick=False, out=_root / SLUG, extra=["--seeds", "0", "--budget", "400"]))
-    VGG_RES = load_results(SLUG, root=_root)[0]
-elif VGG_BENCH != "skip":
-    _files = [f for f in load_results(SLUG) if f.meta.get("device_type") == "cuda"
-              and any(r.get("model") == "vgg11_bn" for r in f.records)]
-    VGG_RES = _files[0] if _files else None
+# live on a GPU (seed 0), else the committed VGG-11-bn results
+VGG_RES = gpu_results(SLUG, VGG_BENCH, quick=False, extra=["--seeds", "0", "--budget", "400"],
+                      where=lambda f: f.meta.get("device_type") == "cuda"
+                      and any(r.get("model") == "vgg11_bn" for r in f.records))
 if VGG_RES is None:
     print(f"no VGG-11-bn GPU results: run `{VGG_CMD}` on a GPU machine (GPU claims below are skipped)")
 else:

@@ -318,22 +318,9 @@ assert slope_c <= 0.25 * slope_b                                                
 # pinned host memory (H2D), each timed eagerly and as one CUDA graph (staging copies included).
 
 # %%
-from mlsys24.bench import load_results
+from mlsys24.bench import gpu_results
 
-GPU_RES = None
-if BENCH != "skip":
-    if BENCH == "auto" and torch.cuda.is_available():
-        import argparse
-        import tempfile
-
-        from mlsys24.promptcache.bench import run as bench_run
-
-        _out = Path(tempfile.mkdtemp())
-        bench_run(argparse.Namespace(quick=True, out=_out))
-        GPU_RES = load_results(SLUG, include_quick=True, root=_out)[0]
-    else:
-        _files = [f for f in load_results(SLUG) if f.meta.get("device_type") == "cuda"]
-        GPU_RES = _files[0] if _files else None
+GPU_RES = gpu_results(SLUG, BENCH)   # live (quick plan) on a GPU, else the committed JSON
 if GPU_RES is None:
     print("no GPU results: run `PYTHONPATH=lib python -m mlsys24.bench prompt_cache` on a GPU machine")
 else:

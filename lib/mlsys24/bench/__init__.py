@@ -11,12 +11,12 @@ Imports torch and numpy only, so GPU benchmarks run on a bare GPU machine as
 
 from .env import device_name, device_slug, environment
 from .registry import BENCHMARKS
-from .results import ResultFile, latest_results, load_results, save_results
+from .results import ResultFile, gpu_results, latest_results, load_results, save_results
 from .roofline import PEAKS, DevicePeaks, attainable_seconds, device_peaks, roofline
 from .timing import CUDAGraphed, Timing, measure
 
 __all__ = [
     "BENCHMARKS", "CUDAGraphed", "PEAKS", "DevicePeaks", "ResultFile", "Timing", "attainable_seconds", "device_name",
-    "device_peaks", "device_slug", "environment", "latest_results", "load_results", "measure", "roofline",
+    "device_peaks", "device_slug", "environment", "gpu_results", "latest_results", "load_results", "measure", "roofline",
     "save_results",
 ]

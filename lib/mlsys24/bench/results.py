@@ -23,7 +23,7 @@ from pathlib import Path
 from ..paths import results_dir
 from .env import device_slug, environment
 
-__all__ = ["ResultFile", "save_results", "load_results", "latest_results"]
+__all__ = ["ResultFile", "save_results", "load_results", "latest_results", "gpu_results"]
 
 SCHEMA = 1
 
@@ -137,3 +137,34 @@ def latest_results(paper: str, *, gpu_only: bool = True, include_quick: bool = T
         if not gpu_only or r.meta.get("device_type") == "cuda":
             return r
     return None
+
+
+def gpu_results(paper: str, mode: str = "auto", *, bench: str | None = None, quick: bool = True,
+                extra: tuple[str, ...] | list[str] = (), where=None) -> ResultFile | None:
+    """The GPU results a notebook plots and asserts from.
+
+    mode: ``"auto"``: re-measure live when a CUDA GPU is visible (the registered benchmark ``bench``,
+    default ``paper``, with ``quick``/``extra``, into a temporary directory), else the committed
+    ``data/results/<paper>/`` file; ``"json"``: the committed file only; ``"skip"``: None.
+    where: which committed files qualify (default: measured on a CUDA device); the first one is
+    returned, None when there is none (the notebook says which command makes it).
+    """
+    if mode not in ("auto", "json", "skip"):
+        raise ValueError(f"gpu_results: mode must be 'auto', 'json' or 'skip', got {mode!r}")
+    if mode == "skip":
+        return None
+    import torch
+
+    if mode == "auto" and torch.cuda.is_available():
+        import argparse
+        import tempfile
+
+        from .registry import resolve
+
+        root = Path(tempfile.mkdtemp())
+        resolve(bench or paper)(argparse.Namespace(quick=quick, out=root / paper, extra=list(extra)))
+        files = load_results(paper, include_quick=True, root=root)
+        return files[0] if files else None
+    keep = where or (lambda f: f.meta.get("device_type") == "cuda")
+    files = [f for f in load_results(paper) if keep(f)]
+    return files[0] if files else None
