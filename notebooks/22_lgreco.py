@@ -16,8 +16,9 @@
 #     headline: 'Paper: up to 5x fewer bytes than uniform compression at full accuracy,
 #       up to 2.5x faster. Ours (CPU, 2 gloo workers, digits CNN, PowerSGD r0=2, mean
 #       of 3 seeds): 1.54x fewer bytes/step than uniform, accuracy 95.6% vs 96.2% uniform
-#       and 96.5% uncompressed; on 2x H200 (NCCL over sockets, GPT-2, r0=32) L-GreCo
-#       steps 1.29x faster than uniform'
+#       and 96.5% uncompressed; on 2x H200 (NCCL over loopback sockets, GPT-2) L-GreCo
+#       steps 1.33x (r0=32) and 1.15x (r0=256) faster than uniform, though the socket
+#       link carries only 9-21% of uniform''s step'
 #     paper: '22'
 #     slug: lgreco
 #     status: partial
@@ -490,7 +491,7 @@ assert acc["lgreco"] >= acc["uniform"] - 1.5, "claim 6: L-GreCo accuracy within 
 assert acc["lgreco"] >= acc["none"] - 3.0, "claim 6: L-GreCo accuracy within 3 pt of uncompressed"
 
 # %% [markdown]
-# ## 8. GPU: NCCL step time on 2 GPUs (GPT-2-small shapes, r0 = 32)
+# ## 8. GPU: NCCL step time on 2 GPUs (GPT-2-small shapes, r0 = 32 and 256)
 #
 # `python -m mlsys24.bench lgreco` trains a GPT-2-small-shaped decoder (random tokens) and a
 # ResNet-18 (random images) with 2 NCCL workers, over NCCL's default transport and over loopback
@@ -550,10 +551,17 @@ else:
         assert b_ratio >= 1.0, "L-GreCo must not send more than uniform on GPU either"
 
 # %% [markdown]
-# **Takeaway.** The GPU run is where the step-time claim can be tested: GPT-2-small shapes send ~0.5 GB
-# per step uncompressed and still MBs at r0 = 32, and over loopback sockets the communication share is large enough
-# for per-layer ranks to show up in the step time. Over NVLink (`default` transport) expect little or no
-# gain; ResNet-18's messages are too small to matter and are reported only.
+# **Takeaway.** GPT-2-small shapes send ~0.65 GB per step uncompressed, and over loopback sockets
+# (one NCCL socket thread) that costs ~80 % of the step. Compressed, the picture flips: uniform PowerSGD at
+# r0 = 32 sends 33 MB and at r0 = 256 sends 0.27 GB, yet only 9 % and 21 % of its step is communication,
+# because the compressor's own work (the P/Q products and orthogonalisation of every layer, large
+# embedding included) costs more than the link. At r0 = 256 uniform is even ~2x slower than not compressing
+# at all on this link. L-GreCo still steps 1.33x (r0 = 32) and 1.15x (r0 = 256) faster than uniform, but
+# mostly by compressing less, not by sending less (1.3x fewer bytes): the card's ">= 30 % communication"
+# regime needs a slower link than loopback sockets, which the GPU machines here cannot shape (no traffic
+# control), so the ≥ 1.1x claim is printed as NOT TESTED above rather than asserted. Section 6's
+# bandwidth model shows where the measured byte savings turn into step-time savings. Over NVLink
+# (`default` transport) expect no gain; ResNet-18's messages are too small to matter and are reported only.
 
 # %% [markdown]
 # ## 9. Explore: budget, compressor family, base setting

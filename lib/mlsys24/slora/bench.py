@@ -65,6 +65,18 @@ def run(args) -> Path:
     dev = "cuda" if cuda else "cpu"
     dtype = torch.float16 if cuda else torch.float32
     layers = getattr(args, "layers", None) or (4 if cuda and not quick else 2)
+    policy = getattr(args, "policy", None) or ("vllm" if cuda and not quick else "orca")
+    attention = getattr(args, "attention", None) or ("paged" if cuda else "gather")
+    warm_s = getattr(args, "warm", None)
+    warm_s = (6.0 if cuda and not quick else 0.0) if warm_s is None else float(warm_s)
+    if policy not in ("vllm", "orca"):
+        raise SystemExit(f"--policy {policy!r}: expected 'vllm' or 'orca'")
+    if attention not in ("paged", "gather"):
+        raise SystemExit(f"--attention {attention!r}: expected 'paged' or 'gather'")
+    if attention == "paged" and not cuda:
+        raise SystemExit("--attention paged needs a GPU (the Triton decode kernel reads the pool in place)")
+    if warm_s < 0:
+        raise SystemExit(f"--warm {warm_s}: expected seconds >= 0")
     if cuda and not quick:
         cfg = preset("llama2-7b", n_layers=layers)
         rate, duration, window = getattr(args, "rate", 10.0), getattr(args, "duration", 20.0), getattr(args, "window", 25.0)
@@ -81,6 +93,10 @@ def run(args) -> Path:
         print(f"[{time.perf_counter() - t0:6.1f}s] {msg}", flush=True)
 
     model = random_llama(cfg, dev, dtype, seed=0)
+    if attention == "paged":   # decode attention over the token-granular pool in place (no K/V gather)
+        from ..models.fast_decode import PagedDecodeAttention
+
+        model.set_attention_backend(PagedDecodeAttention("sync"))
     log(f"model {cfg.n_layers} layers d={cfg.d_model} on {dev} ({model_bytes(model) / 2**30:.2f} GiB)")
     hosts = _adapter_sets(cfg, sets, dtype, seed=1)
     n_req = int(rate * duration)
@@ -93,33 +109,47 @@ def run(args) -> Path:
 
     time_budget = float(getattr(args, "budget", None) or 1e9)
 
-    def one(system, n):
-        if time.perf_counter() - t0 + window + 15 > time_budget:
-            log(f"{system} n={n}: skipped (time budget {time_budget:.0f} s)")
-            return
-        reqs = slora_trace(n_req, n, rate=rate, len_range=len_range, vocab=cfg.vocab_size, seed=7)
-        if cuda:
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
+    def build(system, n):
+        ws, packed = adapters_for(n)
         if system == "merged":
-            ws, packed = adapters_for(n)
-            full_copy = 2 * sum(int(np.prod(s)) for s in _full_7b_param_shapes())
             budget = torch.cuda.get_device_properties(0).total_memory if cuda else 8 * 2**30
             fits_scaled = n * model_bytes(model) <= budget - pool_slots * sb
             srv = MergedServer(model, {a: _weights_for_merge(packed[a]) for a in ws} if fits_scaled else {},
-                               budget_bytes=budget, pool_slots=pool_slots, max_batch_size=max_batch)
+                               budget_bytes=budget, pool_slots=pool_slots, max_batch_size=max_batch, policy=policy)
             srv.fits = fits_scaled
             srv.need_bytes = n * model_bytes(model)
-            res = serve(srv, reqs, window_s=window)
+            return srv
+        eng = SLoRAEngine(model, system, pool_slots=pool_slots, adapter_region=region, max_batch_size=max_batch,
+                          policy=policy)
+        eng.add_adapters(ws, packed)
+        return eng
+
+    def one(system, n):
+        if time.perf_counter() - t0 + warm_s + window + 15 > time_budget:
+            log(f"{system} n={n}: skipped (time budget {time_budget:.0f} s)")
+            return
+        reqs = slora_trace(n_req, n, rate=rate, len_range=len_range, vocab=cfg.vocab_size, seed=7)
+        srv = build(system, n)
+        if warm_s > 0 and getattr(srv, "fits", True):
+            # an unmeasured warm-up on the same engine's code paths (kernel compiles, allocator growth, cuBLAS
+            # heuristics), on another trace; the measured run then starts from a fresh engine of the same system
+            serve(srv, slora_trace(n_req, n, rate=rate, len_range=len_range, vocab=cfg.vocab_size, seed=99),
+                  window_s=warm_s)
+            del srv
+            gc.collect()
+            srv = build(system, n)
+        if cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        res = serve(srv, reqs, window_s=window)
+        if system == "merged":
+            full_copy = 2 * sum(int(np.prod(s)) for s in _full_7b_param_shapes())
+            budget = torch.cuda.get_device_properties(0).total_memory if cuda else 8 * 2**30
             res.update(full7b_copies_bytes=n * full_copy, full7b_fits=n * full_copy <= budget)
         else:
-            ws, packed = adapters_for(n)
-            eng = SLoRAEngine(model, system, pool_slots=pool_slots, adapter_region=region, max_batch_size=max_batch)
-            eng.add_adapters(ws, packed)
-            res = serve(eng, reqs, window_s=window)
             res.update(pool_bytes=pool_slots * sb, peak_adapter_bytes=res["peak_adapter_slots"] * sb,
-                       peak_kv_bytes=res["peak_kv_slots"] * sb)
-            del eng
+                       peak_kv_bytes=res["peak_kv_slots"] * sb, mean_step_ms=1e3 * window / max(1, res["steps"]))
+        del srv
         if cuda:
             res["max_memory_allocated"] = torch.cuda.max_memory_allocated()
         rec = {"system": system, "n_adapters": n, **res}
@@ -145,7 +175,8 @@ def run(args) -> Path:
                 "unit": "ratio", "paper": 0.89,
                 "vs_peft_n100": ratio(("slora", ns[1]), ("peft", ns[1])),
                 "vs_bmm_n100": ratio(("slora", ns[1]), ("bmm", ns[1]))}
-    config = {"quick": quick or not cuda, "warm_up": True, "layers": cfg.n_layers, "d_model": cfg.d_model, "ranks": list(RANKS),
+    config = {"quick": quick or not cuda, "warm_up": True, "warm_s": warm_s, "policy": policy,
+              "attention": attention, "layers": cfg.n_layers, "d_model": cfg.d_model, "ranks": list(RANKS),
               "distinct_sets_per_rank": sets, "rate": rate, "duration_s": duration, "window_s": window,
               "len_range": list(len_range), "pool_slots": pool_slots, "adapter_region_slots": region,
               "slot_bytes": sb, "max_batch_size": max_batch, "n_adapters": ns, "dtype": str(dtype)}
@@ -164,7 +195,8 @@ def _warm_kernels(dev, dtype, H: int) -> None:
         for T in (1, 3):
             t = make_tables([0], [T], [0], [r], [1.0], loc, T, dev)
             x = torch.zeros(T, H, dtype=dtype, device=dev)
-            (lora_mbgmv if T == 1 else lora_mbgmm)(x, wa, wa, t, 0)
+            for proj in range(4):
+                (lora_mbgmv if T == 1 else lora_mbgmm)(x, wa, wa, t, proj)
     if dev == "cuda":
         torch.cuda.synchronize()
 
@@ -185,6 +217,12 @@ def main(argv=None) -> None:
     ap.add_argument("--window", type=float, default=25.0, help="throughput window (s), no drain")
     ap.add_argument("--budget", type=float, default=None, help="seconds; later runs are skipped past it")
     ap.add_argument("--sets", type=int, default=16, help="distinct weight sets per rank (<= 64)")
+    ap.add_argument("--policy", default=None, help="vllm (prefill steps apart, as S-LoRA/LightLLM; GPU default) or "
+                                                  "orca (mixed padded steps; CPU default)")
+    ap.add_argument("--attention", default=None, help="paged (decode kernel on the pool in place; GPU default) or "
+                                                     "gather (K/V gathered per step)")
+    ap.add_argument("--warm", type=float, default=None, help="seconds of unmeasured warm-up serving before each run "
+                                                            "(default 6 on GPU, 0 on CPU)")
     run(ap.parse_args(argv))
 
 

@@ -336,7 +336,7 @@ class MergedServer:
     not fit ``budget_bytes``; then nothing runs (OOM)."""
 
     def __init__(self, model, adapters: dict[int, AdapterWeights], *, budget_bytes: int, pool_slots: int,
-                 max_batch_size: int = 32):
+                 max_batch_size: int = 32, policy: str = "orca"):
         self.copies = len(adapters)
         self.copy_bytes = model_bytes(model)
         self.need_bytes = self.copies * self.copy_bytes
@@ -347,7 +347,7 @@ class MergedServer:
         per = max(1, pool_slots // max(1, self.copies))
         for a, w in adapters.items():
             m = merge_adapter(model, w)
-            self.engines[a] = Engine(m, SchedulerConfig("orca", max_batch_size=max_batch_size), n_blocks=per,
+            self.engines[a] = Engine(m, SchedulerConfig(policy, max_batch_size=max_batch_size), n_blocks=per,
                                      block_size=1)
 
 

@@ -107,7 +107,7 @@ def make_tables(seg_start, seg_len, seg_astart, seg_rank, seg_scale, a_loc, n_ro
 # ------------------------------------------------------------------------------------------------
 # Triton kernels
 # ------------------------------------------------------------------------------------------------
-@triton.jit(do_not_specialize=["n_seg", "K"])
+@triton.jit(do_not_specialize=["n_seg", "K", "proj"])
 def _mbgmm_shrink_kernel(x_ptr, wa_ptr, v_ptr, table_ptr, n_seg, K, proj,
                          stride_xm, stride_xk, stride_ws, stride_wk, stride_vm, stride_vr,
                          BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -138,7 +138,7 @@ def _mbgmm_shrink_kernel(x_ptr, wa_ptr, v_ptr, table_ptr, n_seg, K, proj,
         tl.store(v_ptr + rows[:, None] * stride_vm + offs_r[None, :] * stride_vr, acc, mask=m_mask[:, None])
 
 
-@triton.jit(do_not_specialize=["n_seg", "N"])
+@triton.jit(do_not_specialize=["n_seg", "N", "proj"])
 def _mbgmm_expand_kernel(v_ptr, wb_ptr, y_ptr, table_ptr, scale_ptr, n_seg, N, proj,
                          stride_vm, stride_vr, stride_ws, stride_wn, stride_ym, stride_yn,
                          BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -171,7 +171,7 @@ def _mbgmm_expand_kernel(v_ptr, wb_ptr, y_ptr, table_ptr, scale_ptr, n_seg, N, p
         tl.store(out, (yv.to(tl.float32) + acc).to(yv.dtype), mask=mask)
 
 
-@triton.jit(do_not_specialize=["n_seg", "K"])
+@triton.jit(do_not_specialize=["n_seg", "K", "proj"])
 def _mbgmv_shrink_kernel(x_ptr, wa_ptr, v_ptr, table_ptr, n_seg, K, proj,
                          stride_xm, stride_xk, stride_ws, stride_wk, stride_vm, stride_vr,
                          BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -196,7 +196,7 @@ def _mbgmv_shrink_kernel(x_ptr, wa_ptr, v_ptr, table_ptr, n_seg, K, proj,
         tl.store(v_ptr + row * stride_vm + offs_j * stride_vr, acc, mask=j_mask)
 
 
-@triton.jit(do_not_specialize=["n_seg", "N"])
+@triton.jit(do_not_specialize=["n_seg", "N", "proj"])
 def _mbgmv_expand_kernel(v_ptr, wb_ptr, y_ptr, table_ptr, scale_ptr, n_seg, N, proj,
                          stride_vm, stride_vr, stride_ws, stride_wn, stride_ym, stride_yn,
                          BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
