@@ -89,3 +89,25 @@ def test_merged_copies_run_or_oom(setup):
     assert serve(ok, reqs)["finished"] == 6
     oom = MergedServer(model, ads, budget_bytes=3 * sum(p.numel() * 4 for p in model.parameters()), pool_slots=200)
     assert not oom.fits and serve(oom, reqs)["oom"]
+
+
+def test_slora_with_paged_decode_attention_and_vllm_policy(setup):
+    """The GPU bench's configuration: prefill steps apart (vllm policy) and decode attention read in place
+    from the token-granular unified pool by the Triton kernel; logits still equal the merged weights."""
+    import copy
+
+    from mlsys24.models.fast_decode import PagedDecodeAttention
+
+    model, ads = setup
+    model = copy.deepcopy(model)
+    backend = PagedDecodeAttention("sync")
+    model.set_attention_backend(backend)
+    reqs = slora_trace(3, 5, len_range=(3, 6), vocab=CFG.vocab_size, seed=4)
+    eng = SLoRAEngine(model, "slora", pool_slots=400, max_batch_size=8, record_logits=True, use_triton=True,
+                      policy="vllm")
+    eng.add_adapters(ads)
+    eng.run(reqs)
+    eng.check_invariants()
+    assert len(eng.finished) == 3
+    assert backend.calls["kernel"] > 0
+    assert _teacher_forced_err(model, ads, eng) < 1e-4
