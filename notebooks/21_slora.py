@@ -410,17 +410,26 @@ else:
 # %% [markdown]
 # ## 8. GPU claims (results file)
 #
-# From `data/results/slora/<gpu>.json` (`python -m mlsys24.slora.bench`): Llama-7B-shaped layers, ranks
-# {8, 16, 32, 64}, Poisson arrivals at 10 req/s, throughput over a fixed window. Targets: S-LoRA n = 1000
-# ≥ 0.85 × n = 5; ≥ 3× PEFT-style and ≥ 1.5× padded BMM at n = 100; pool memory vs merged copies.
+# From `data/results/slora/<gpu>.json` (`python -m mlsys24.slora.bench`): 4 Llama-7B-shaped layers, ranks
+# {8, 16, 32, 64}, 30 s of Poisson arrivals, throughput (finished requests) over a fixed window without
+# draining, after an unmeasured warm-up of each system. As in S-LoRA (built on LightLLM), prefill steps run
+# apart from decode steps (`vllm` policy) and decode attention reads the token-granular pool in place
+# (the Triton split-KV kernel of notebook 11). The committed run offers 40 req/s, more than any system
+# serves, so the window measures capacity (at 10 req/s every system but PEFT kept up with the arrivals and
+# the ratios said nothing). Targets: S-LoRA n = 1000 ≥ 0.85 × n = 5; ≥ 3× PEFT-style and ≥ 1.5× padded BMM
+# at n = 100; pool memory vs merged copies.
 
 # %%
-gpu_files = [rf for rf in load_results(SLUG) if rf.meta.get("device_type") == "cuda"]
+gpu_files = [rf for rf in load_results(SLUG) if rf.meta.get("device_type") == "cuda"
+             and rf.records and "system" in rf.records[0]]
 RES = gpu_files[0] if gpu_files else None
 if RES is None:
     print("skipped: no GPU results; run `PYTHONPATH=lib python3 -m mlsys24.slora.bench` on a GPU")
 else:
     print(RES.caption())
+    print(f"  offered load {RES.config.get('rate')} req/s for {RES.config.get('duration_s')} s, window "
+          f"{RES.config.get('window_s')} s, policy {RES.config.get('policy', 'orca')}, attention "
+          f"{RES.config.get('attention', 'gather')}, warm-up {RES.config.get('warm_s', 0)} s per run")
     by = {(r["system"], r["n_adapters"]): r for r in RES.records}
     for k, r in sorted(by.items()):
         print(f"  {k[0]:9s} n={k[1]:5d}: {r['throughput_rps']:.2f} req/s, finished {r['finished']}/{r['n_requests']}"
@@ -452,12 +461,50 @@ else:
     assert sl["pool_bytes"] < by[("merged", ns[0])]["need_bytes"]
 
 # %% [markdown]
-# **Takeaway.** In the H200 file committed here the engine (a Python loop around 4 Llama-7B-shaped layers)
-# took only a few hundred steps per window, so with U[8, 512) outputs only short requests finished inside
-# the 20 s window, and its first (n = 5) run also paid every Triton compilation (the benchmark now
-# compiles all kernel variants first and marks its file `warm_up`). Its throughput ratios therefore do
-# not test the paper's claims and are printed as NOT REPRODUCED. The memory side holds, as printed above:
-# 1000 adapters were served from one fixed pool smaller than even five merged copies of the scaled model.
+# **Takeaway.** On the H200, with the load above capacity, S-LoRA's throughput does not fall with the
+# number of adapters (n = 1000 vs n = 5 above 1, paper S2: 0.90): adapters are paged in on demand and
+# MBGMV reads only each request's own rank. PEFT-style batching (one adapter per batch) is more than an
+# order of magnitude slower, as in the paper. Padded BMM comes out at about 1.5x slower, right at the
+# card's target: with 4 layers of a Python-driven engine much of a step is not LoRA work, so the padding
+# and copying cost that BMM adds is diluted. S-LoRA without the unified pool serves about as fast as
+# S-LoRA here: its separate region is large enough for this trace, so unified paging buys memory
+# (printed above), not speed. Run-to-run spread of a 20 s window is visible (n = 5 vs n = 100 are the
+# same system). The memory side holds: 1000 adapters are served from one fixed pool smaller than even
+# five merged copies of the scaled model.
+#
+# **Tensor parallelism on 2 GPUs.** `python -m mlsys24.slora.tp` times one Llama-7B MLP pair (4096 →
+# 11008 → 4096, fp16) with S-LoRA's layout on 2 GPUs (NCCL): the LoRA collectives carry only B·r elements
+# each (bytes below), against the base all-reduce of B·h.
+
+# %%
+tp_files = [rf for rf in load_results(SLUG) if rf.meta.get("device_type") == "cuda"
+            and rf.records and "lora_overhead" in rf.records[0]]
+if not tp_files:
+    print("skipped: no TP timing; run `PYTHONPATH=lib python3 -m mlsys24.slora.tp` on 2 GPUs")
+else:
+    TP = tp_files[0]
+    print(TP.caption())
+    print(" rank tokens | eager: base TP  S-LoRA TP  1 GPU (µs) | graphs: base TP  S-LoRA TP (µs) | LoRA bytes  base bytes")
+    for r in TP.records:
+        g = (f"{r['base_tp_graph_us']:8.1f}  {r['slora_tp_graph_us']:9.1f}" if "base_tp_graph_us" in r
+             else f"{'-':>8}  {'-':>9}")
+        print(f" {r['rank']:4d} {r['tokens']:6d} | {r['base_tp_us']:14.1f} {r['slora_tp_us']:10.1f} {r['slora_1gpu_us']:6.1f}"
+              f"      | {g}       | {r['lora_bytes']:10,d} {r['base_bytes']:11,d}")
+    assert all(r["lora_bytes"] * 16 <= r["base_bytes"] for r in TP.records), "LoRA traffic must be rank-sized"
+    assert all(r["rel_err"] < 5e-3 for r in TP.records), "TP output must equal the single-GPU pair (fp16)"
+    share = max(r["lora_bytes"] / r["base_bytes"] for r in TP.records)
+    worst = max(r["lora_overhead"] for r in TP.records)
+    print(f"LoRA collective bytes: at most {100 * share:.1f}% of the base all-reduce; eager step overhead of the "
+          f"two extra collectives: up to {100 * worst:.0f}%")
+    if not any("lora_overhead_graph" in r for r in TP.records):
+        print("NOT REPRODUCED: the TP LoRA step overhead was timed eagerly only (host launches and rank skew "
+              "dominate these ~100 µs steps); the CUDA-graph timing `mlsys24.slora.tp` records was not run")
+
+# %% [markdown]
+# **Takeaway.** The layout is exact on GPUs too (fp16 error above), and the extra traffic is tiny: B·r
+# elements per projection against B·h. Timed eagerly, though, two more collectives per pair cost far
+# more than their bytes: each NCCL launch has a fixed latency of tens of µs, comparable to the whole
+# ~100 µs pair, so at these sizes the overhead is latency, not bandwidth.
 #
 # ## 9. Explore
 #
