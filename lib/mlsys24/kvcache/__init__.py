@@ -5,6 +5,9 @@
 - :mod:`.compact` — :class:`PolicyKVCache`: per-(layer, KV head) cache, physically compacted (fixed
   budget, in-place slot overwrite, position map) or masked (the official code's simulation), driven
   by the shared Llama through the ``"kv_policy"`` attention backend.
+- :mod:`.fused_score` — the compacted cache's decode step in Triton: split-KV attention that also writes
+  the logits, the score update (Gumbel noise drawn in the kernel) and eviction in one kernel, the slot
+  write (``PolicyKVCache(attn="triton")``); :mod:`.score_attention` — the earlier two-pass variant.
 - :mod:`.evaluate` — teacher-forced continuations, greedy generation, PPL / KL / top-1 / ROUGE-L.
 - :mod:`.engine_policy` — the same policies as a :class:`~mlsys24.serving.kv_policy.KVPolicy` of the
   serving engine (masked execution over the paged cache).

@@ -50,11 +50,18 @@ class PolicyKVCache(KVCache):
     """KV cache of one batch of equal-length prompts under ``policy``.
 
     mode: "compact" (physically compacted, fixed budget) or "masked" (growing buffer + mask).
-    attn: decode attention implementation, "torch" (logits materialised, needed for scoring) or
-    "triton" (:func:`mlsys24.kernels.decode_attention.decode_attention_sync`, compacted caches of
-    policies that need no scores, e.g. the full cache).
+    attn: decode attention implementation of a compacted cache: "torch" (logits materialised in
+    PyTorch); "triton" (:mod:`.fused_score`: split-KV attention that also writes the logits, then the
+    score update and the eviction in one kernel, and the new token written into the free slot by a
+    kernel); "twopass" (the earlier path: card 11's fused kernel when no score is needed, else two
+    Triton passes over K and V (:mod:`.score_attention`) and the policy bookkeeping in PyTorch);
+    "card11" (:func:`mlsys24.kernels.decode_attention.decode_attention_sync` for caches that need no
+    scores, e.g. the full cache; as "twopass" otherwise).
     noise_by_position: draw decode-step noise per absolute position (identical across the compact
     and masked layouts: used to check they agree); False draws per slot (cheaper at scale).
+    rng: "own" (a seeded torch.Generator), "global" (the device's default generator, the one CUDA-graph
+    capture supports) or "philox" (attn="triton" only: Gumbel noise drawn inside the score kernel,
+    keyed by the policy seed and the position of the new token; other paths use the global generator).
     """
 
     def __init__(self, n_layers: int, n_heads: int, n_kv_heads: int, head_dim: int, batch: int, prompt_len: int,
@@ -63,11 +70,18 @@ class PolicyKVCache(KVCache):
                  rng: str = "own"):
         if mode not in ("compact", "masked"):
             raise ValueError(f"mode must be 'compact' or 'masked', got {mode!r}")
+        if attn not in ("torch", "triton", "twopass", "card11"):
+            raise ValueError(f"attn must be torch, triton, twopass or card11, got {attn!r}")
+        if rng not in ("own", "global", "philox"):
+            raise ValueError(f"rng must be own, global or philox, got {rng!r}")
         self.n_layers, self.n_heads, self.n_kv_heads, self.head_dim = n_layers, n_heads, n_kv_heads, head_dim
         self.batch, self.prompt_len, self.gen_len = batch, prompt_len, gen_len
         self.policy, self.mode, self.attn, self.score_chunk = policy, mode, attn, score_chunk
         self.noise_by_position = noise_by_position
+        self.rng = rng
         self.device = torch.device(device)
+        # Triton kernels run on a GPU, or on CPU under Triton's interpreter
+        self.on_triton = self.device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
         self.k_budget, self.w = budget_tokens(policy, prompt_len)
         self.n_sink = n_sinks(policy, self.k_budget)
         self.evicting = policy.evicts and self.k_budget < prompt_len
@@ -88,6 +102,7 @@ class PolicyKVCache(KVCache):
         self._pos_t = torch.zeros((), dtype=torch.long, device=device)   # = n_seen
         self._step_t = torch.zeros((), dtype=torch.float32, device=device)  # = step
         self._zero = torch.zeros((), dtype=torch.float32, device=device)
+        self._len_t = torch.ones((), dtype=torch.long, device=device)    # = n_seen + 1 during a decode step
         self.n_seen = 0      # tokens processed (= next absolute position)
         self.n_valid = 0     # kept tokens per (layer, sequence, head), the same everywhere
         self.step = 0        # decode steps done (Keyformer's t)
@@ -121,6 +136,8 @@ class PolicyKVCache(KVCache):
         if self.n_seen + T > self.max_tokens:
             raise ValueError(f"cache overflow: {self.n_seen + T} > {self.max_tokens} tokens")
         self._T = T
+        if self.n_seen > 0:
+            torch.add(self._pos_t, 1, out=self._len_t)
         self.q_offsets = self._pos_t.expand(self.batch)  # absolute position of the first new token
         self.kv_lens = self.q_offsets + T
         self.input_lens = input_lens
@@ -130,7 +147,13 @@ class PolicyKVCache(KVCache):
         if self.n_seen == 0:
             self._stash[layer] = (k, v)
             return
-        if self.mode == "compact" and self.evicting:
+        if self.mode == "compact" and self.evicting and self._fused():
+            from .fused_score import write_slot
+
+            sc = self.score[layer] if self.score is not None else None
+            write_slot(k[:, 0], v[:, 0], self.k_buf[layer], self.v_buf[layer], self.pos[layer], sc, self.free[layer],
+                       self._pos_t)
+        elif self.mode == "compact" and self.evicting:
             slot = self.free[layer]  # [B, KV]
             self.k_buf[layer][self._bi, self._hi, slot] = k[:, 0].to(self.k_buf.dtype)
             self.v_buf[layer][self._bi, self._hi, slot] = v[:, 0].to(self.v_buf.dtype)
@@ -214,7 +237,50 @@ class PolicyKVCache(KVCache):
             return self.n_seen + 1
         return min(self.capacity, self.n_valid + 1)
 
+    def _fused(self) -> bool:
+        return self.attn == "triton" and self.mode == "compact" and self.on_triton
+
+    def _decode_fused(self, call: AttentionCall) -> torch.Tensor:
+        """attn="triton": one attention pass that writes the logits, one score/evict sweep (:mod:`.fused_score`)."""
+        from .fused_score import attn_logits, score_evict
+
+        layer = call.layer
+        q = call.q[:, 0]  # [B, H, d]
+        B, H, d = q.shape
+        KV, G = self.n_kv_heads, H // self.n_kv_heads
+        if not self.evicting:  # slot = position, the first n_seen + 1 slots are valid
+            out, _, _ = attn_logits(q, self.k_buf[layer], self.v_buf[layer], self.capacity, call.scale,
+                                    w_dev=self._len_t, write_logits=False)
+            return out[:, None]
+        W = self._width()  # = k + 1: every slot valid (the evicted one was just overwritten)
+        pol = self.policy
+        need_logits = pol.needs_scores
+        out, x, lse = attn_logits(q, self.k_buf[layer], self.v_buf[layer], W, call.scale, write_logits=need_logits)
+        noise: str | torch.Tensor = "none"
+        if pol.name == "keyformer":
+            if layer == 0:
+                self.taus.append(tau_at(pol, self.step + 1, self.gen_len))
+            if pol.noise != "none":
+                if self.rng == "philox" and pol.noise == "gumbel":
+                    noise = "philox"
+                else:  # the same draws as the PyTorch path
+                    pos = self.pos[layer, :, :, :W]
+                    if self.noise_by_position:
+                        g = draw_noise(pol, (B, KV, G, self.max_tokens), self.gen, q.device)
+                        g = g.gather(-1, pos.clamp(min=0)[:, :, None, :].expand(-1, -1, G, -1))
+                    else:
+                        g = draw_noise(pol, (B, KV, G, W), self.gen, q.device)
+                    noise = g.reshape(B, H, W).contiguous()
+        mode = pol.name if pol.needs_scores else "oldest"
+        score = self.score[layer] if self.score is not None else None
+        score_evict(score, self.pos[layer], self.free[layer], self._pos_t, W, mode=mode, w_recent=self.w,
+                    n_sink=self.n_sink, x=x, lse2=lse, step=self._step_t, tau_init=pol.tau_init,
+                    dtau=(pol.tau_end - pol.tau_init) / max(1, self.gen_len), noise=noise, seed=pol.seed)
+        return out[:, None]
+
     def _decode(self, call: AttentionCall) -> torch.Tensor:
+        if self._fused():
+            return self._decode_fused(call)
         layer = call.layer
         q = call.q[:, 0]  # [B, H, d]
         B, H, d = q.shape
@@ -227,8 +293,7 @@ class PolicyKVCache(KVCache):
         vmask = valid[:, :, None, :]
         # Triton on a GPU, compacted cache: every slot < W is valid once the budget is full (the evicted
         # slot was just overwritten), so the kernels need no mask
-        on_triton = q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"  # (CPU: Triton's interpreter)
-        kernels = self.attn == "triton" and self.mode == "compact" and on_triton and (
+        kernels = self.attn in ("twopass", "card11") and self.mode == "compact" and self.on_triton and (
             not self.evicting or self.n_valid + 1 >= W)
         if kernels and not need_logits:  # the fused split-KV kernel of card 11 (FlashDecoding)
             from ..kernels.decode_attention import decode_attention_sync
