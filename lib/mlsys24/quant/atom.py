@@ -510,9 +510,9 @@ class AtomPackedLinear(nn.Module):
 
     Buffers (K4 = C - keeper normal channels, Kp = ceil(K4 / G) G, zero codes in the padding)::
 
-        qw   int8 [Kp/2, N]     two int4 codes per byte (low nibble: even channel, high: odd)
+        qw   int8 [N, Kp/2]     two int4 codes per byte (byte j of a group: channel j low, j + G/2 high)
         sw   fp32 [Kp/G, N]     weight group steps
-        qw8  int8 [keeper, N]   outlier columns, per-row INT8 ;  sw8 fp32 [N]
+        qw8  int8 [N, keeper]   outlier columns, per-row INT8 ;  sw8 fp32 [N]
 
     ``forward(x)``: the fused reorder+quantize kernel (``in_index`` gather, optional), then the
     W4A4 GEMM (:func:`mlsys24.quant.w4a4.w4a4_gemm`); ``use_kernel=False`` runs the PyTorch references."""

@@ -3,22 +3,32 @@ INT8 outlier part, and decode attention over a 4-bit KV cache. Each has a ``*_re
 
 Layout (reordered channels: ``K4 = C - keeper`` normal ones, then ``keeper`` outliers; group size G,
 ``n_groups = ceil(K4 / G)``, ``Kp = n_groups G``; the ragged last group is masked and its padding
-holds zero codes)::
+holds zero codes). 4-bit codes are packed two per byte *by halves of a group*: byte ``j`` of group
+``g`` holds channel ``g G + j`` in its low nibble and channel ``g G + G/2 + j`` in its high nibble
+(:func:`pack_int4_halves`), so unpacking a group gives two contiguous runs of channels::
 
-    activations  qa  int8 [M, Kp/2]   two int4 codes per byte: low nibble channel 2j, high 2j+1
+    activations  qa  int8 [M, Kp/2]   packed halves  (a_layout="packed")
+                     int8 [M, Kp]     one code per byte (a_layout="int8"; same 4-bit values)
                  sa  fp32 [M, n_groups] per-token per-group step (dynamic: computed by the kernel)
                  qa8 int8 [M, keeper]   sa8 fp32 [M]         INT8 outliers, per token
-    weights      qw  int8 [Kp/2, N]   (same nibble order along K)   sw  fp32 [n_groups, N]
-                 qw8 int8 [keeper, N]   sw8 fp32 [N]
+    weights      qw  int8 [N, Kp/2]   packed halves, K contiguous      sw  fp32 [n_groups, N]
+                 qw8 int8 [N, keeper]   sw8 fp32 [N]      (every code operand K-contiguous: Hopper's
+                                                         8-bit MMA reads K-major operands only)
 
-GEMM (Atom's Eq.): ``Y[m, n] = sum_g sa[m,g] sw[g,n] sum_{k in g} qa[m,k] qw[k,n]
-+ sa8[m] sw8[n] sum_{k in outliers} qa8[m,k] qw8[k,n]``.
+GEMM (Atom's Eq.): ``Y[m, n] = sum_g sa[m,g] sw[g,n] sum_{k in g} qa[m,k] qw[n,k]
++ sa8[m] sw8[n] sum_{k in outliers} qa8[m,k] qw8[n,k]``.
 
 NVIDIA Hopper (H100/H200) has no INT4 tensor-core instruction (and Triton has no int4 ``tl.dot``):
-the kernel keeps the operands 4-bit in memory, unpacks each byte to two int8 values in registers
-(sign extension by shifts) and runs INT8 ``tl.dot`` -> int32 per group; since even channels pair with
-even channels, one group is two dots over G/2 (low nibbles, high nibbles) without re-interleaving.
-The per-group dequantization (an outer product of scales) is fp32 CUDA-core work.
+the kernel keeps the weights 4-bit in memory and unpacks each byte in registers to two int8 values
+*times 16* with one bit operation each (``b << 4`` and ``b & 0xF0``, four bytes per 32-bit op): the
+factor 16 (256 when both operands are packed) is exact and leaves the int32 group sum far from
+overflow, and is divided out once at the end. One group is two INT8 ``tl.dot``s over G/2 (low
+halves, high halves). The per-group dequantization (an outer product of scales) is fp32 CUDA-core
+work; the int32 -> fp32 conversion uses the exact magic-number trick (``bitcast(i + 0x4B400000) -
+12582912`` for ``|i| < 2^22``: an integer add and a float add instead of a quarter-rate I2F).
+Activations may stay packed (4 bits in memory) or use one byte per 4-bit code: at large M the GEMM
+is compute-bound, the transient activation bytes matter little, and the int8 container goes to the
+tensor cores without an unpack.
 
 Symmetric quantizer: ``delta = clip * max(max|x|, 1e-5) / 7``, ``q = clamp(rint(x / delta), -8, 7)``
 (round half to even, as ``torch.round``); INT8 outliers: ``/127``, ``[-128, 127]``.
@@ -28,6 +38,7 @@ KV cache: asymmetric INT4 per token per head, ``x ~ (q - z) delta`` (:func:`mlsy
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import triton
@@ -38,15 +49,19 @@ import mlsys24.kernels  # noqa: F401  (Triton interpreter fixes on CPU)
 from .atom import quantize_kv_asym, sym_group_quant
 
 __all__ = [
-    "pack_int4_pairs", "unpack_int4_pairs", "pack_weight_w4a4", "quantize_act_w4a4", "quantize_act_w4a4_ref",
-    "w4a4_gemm", "w4a4_gemm_ref", "W4A4Config", "pack_kv4", "decode_attention_kv4", "decode_attention_kv4_ref",
+    "pack_int4_pairs", "unpack_int4_pairs", "pack_int4_halves", "unpack_int4_halves", "pack_weight_w4a4",
+    "quantize_act_w4a4", "quantize_act_w4a4_ref", "w4a4_gemm", "w4a4_gemm_ref", "W4A4Config", "pack_kv4",
+    "decode_attention_kv4", "decode_attention_kv4_ref",
 ]
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 # ----------------------------------------------------------------------------------------------
 # packing
 def pack_int4_pairs(q: torch.Tensor) -> torch.Tensor:
-    """Signed int4 codes ``q [R, K]`` (K even, values in [-8, 7]) -> int8 ``[R, K/2]``."""
+    """Signed int4 codes ``q [R, K]`` (K even, values in [-8, 7]) -> int8 ``[R, K/2]``, low nibble
+    channel 2j, high nibble 2j+1 (the KV cache's order)."""
     if q.shape[-1] % 2:
         raise ValueError("pack_int4_pairs needs an even last dim")
     qi = q.to(torch.int32)
@@ -58,6 +73,26 @@ def unpack_int4_pairs(p: torch.Tensor) -> torch.Tensor:
     p32 = p.to(torch.int32)
     lo, hi = (p32 << 28) >> 28, p32 >> 4
     return torch.stack([lo, hi], dim=-1).reshape(*p.shape[:-1], -1).to(torch.int8)
+
+
+def pack_int4_halves(q: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Signed int4 codes ``q [R, Kp]`` (``Kp`` a multiple of the even ``group_size``) -> int8
+    ``[R, Kp/2]``: byte j of group g = channel gG+j (low nibble) | channel gG+G/2+j (high nibble)."""
+    R, Kp = q.shape
+    G = group_size
+    if G % 2 or Kp % G:
+        raise ValueError(f"pack_int4_halves: {Kp} channels are not whole groups of an even {G}")
+    qi = q.to(torch.int32).reshape(R, Kp // G, 2, G // 2)
+    return ((qi[:, :, 0] & 0xF) | (qi[:, :, 1] << 4)).to(torch.int8).reshape(R, Kp // 2)
+
+
+def unpack_int4_halves(p: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Inverse of :func:`pack_int4_halves`: int8 ``[R, Kp/2]`` -> int8 ``[R, Kp]`` (sign-extended)."""
+    R, Kh = p.shape
+    H = group_size // 2
+    p32 = p.to(torch.int32).reshape(R, Kh // H, 1, H)
+    lo, hi = (p32 << 28) >> 28, p32 >> 4
+    return torch.cat([lo, hi], dim=2).reshape(R, 2 * Kh).to(torch.int8)
 
 
 def _split(C: int, group_size: int, keeper: int) -> tuple[int, int, int]:
@@ -78,17 +113,21 @@ def pack_weight_w4a4(w: torch.Tensor, group_size: int, keeper: int, clip: float 
     qpad[:, :K4] = q
     q8, d8 = sym_group_quant(w[:, K4:], 8, 0, 1.0) if keeper else (
         torch.zeros(N, 0, dtype=torch.int16, device=w.device), torch.ones(N, 1, device=w.device))
-    return {"qw": pack_int4_pairs(qpad).t().contiguous(), "sw": d.t().contiguous().float(),
-            "qw8": q8.to(torch.int8).t().contiguous(), "sw8": d8[:, 0].contiguous().float()}
+    return {"qw": pack_int4_halves(qpad, G).contiguous(), "sw": d.t().contiguous().float(),
+            "qw8": q8.to(torch.int8).contiguous(), "sw8": d8[:, 0].contiguous().float()}
 
 
 # ----------------------------------------------------------------------------------------------
 # fused reorder (+ RMSNorm) + dynamic quantization of activations
 def quantize_act_w4a4_ref(x: torch.Tensor, group_size: int, keeper: int, *, index: torch.Tensor | None = None,
-                          clip: float = 1.0, norm_weight: torch.Tensor | None = None, eps: float = 1e-5):
+                          clip: float = 1.0, norm_weight: torch.Tensor | None = None, eps: float = 1e-5,
+                          a_layout: str = "packed"):
     """``(qa, sa, qa8, sa8)`` of ``x [M, C]``: optional RMSNorm (``norm_weight``, original order),
     gather ``x[:, index]``, symmetric INT4 groups over the first ``C - keeper`` channels, INT8 over the
-    rest. Plain PyTorch, float32."""
+    rest. ``a_layout``: ``"packed"`` (two codes per byte, :func:`pack_int4_halves`) or ``"int8"``
+    (one code per byte). Plain PyTorch, float32."""
+    if a_layout not in ("packed", "int8"):
+        raise ValueError(f"a_layout must be 'packed' or 'int8', got {a_layout!r}")
     xf = x.float()
     if norm_weight is not None:
         xf = norm_weight.float() * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps))
@@ -103,7 +142,8 @@ def quantize_act_w4a4_ref(x: torch.Tensor, group_size: int, keeper: int, *, inde
         q8, s8 = sym_group_quant(xf[:, K4:], 8, 0, 1.0)
     else:
         q8, s8 = torch.zeros(M, 0, dtype=torch.int16, device=x.device), torch.ones(M, 1, device=x.device)
-    return pack_int4_pairs(qpad), sa.float(), q8.to(torch.int8), s8[:, 0].float()
+    qa = pack_int4_halves(qpad, G) if a_layout == "packed" else qpad.to(torch.int8)
+    return qa, sa.float(), q8.to(torch.int8), s8[:, 0].float()
 
 
 @triton.jit
@@ -114,10 +154,14 @@ def _rint(v):
 
 @triton.jit
 def _reorder_quant_kernel(x_ptr, idx_ptr, nw_ptr, qa_ptr, sa_ptr, qa8_ptr, sa8_ptr,
-                          C, K4, stride_xm, stride_xc, clip, eps,
-                          N_GROUPS, G: tl.constexpr, KEEP: tl.constexpr, BLOCK_O: tl.constexpr,
-                          BLOCK_C: tl.constexpr, HAS_INDEX: tl.constexpr, HAS_NORM: tl.constexpr):
+                          C, K4, N_GROUPS, stride_xm, stride_xc, stride_qm, stride_sm, stride_sg, clip, eps,
+                          G: tl.constexpr, KEEP: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_C: tl.constexpr,
+                          GC: tl.constexpr, HAS_INDEX: tl.constexpr, HAS_NORM: tl.constexpr,
+                          A_PACKED: tl.constexpr):
+    """Program (token row, block of GC groups): the GC groups are one [GC, G/2] x 2 tile (low and high
+    halves of each group), so the gather, the per-group absmax and the stores are vectorised."""
     row = tl.program_id(0)
+    gblk = tl.program_id(1)
     x_row = x_ptr + row.to(tl.int64) * stride_xm
     inv = 1.0
     if HAS_NORM:   # RMSNorm statistics over the whole row (original order)
@@ -128,90 +172,140 @@ def _reorder_quant_kernel(x_ptr, idx_ptr, nw_ptr, qa_ptr, sa_ptr, qa8_ptr, sa8_p
             ss += v * v
         inv = 1.0 / tl.sqrt(tl.sum(ss, 0) / C + eps)
     HG: tl.constexpr = G // 2
-    half = tl.arange(0, HG)
-    n_packed = N_GROUPS * HG
-    for g in range(N_GROUPS):
-        oe = g * G + 2 * half          # even channels of the group (reordered positions)
-        oo = oe + 1
-        me, mo = oe < K4, oo < K4      # ragged last group: masked lanes read 0 and store code 0
-        if HAS_INDEX:
-            se = tl.load(idx_ptr + oe, mask=me, other=0)
-            so = tl.load(idx_ptr + oo, mask=mo, other=0)
-        else:
-            se, so = oe, oo
-        xe = tl.load(x_row + se * stride_xc, mask=me, other=0.0).to(tl.float32)
-        xo = tl.load(x_row + so * stride_xc, mask=mo, other=0.0).to(tl.float32)
-        if HAS_NORM:
-            xe = tl.load(nw_ptr + se, mask=me, other=0.0).to(tl.float32) * (xe * inv)
-            xo = tl.load(nw_ptr + so, mask=mo, other=0.0).to(tl.float32) * (xo * inv)
-        amax = tl.maximum(tl.max(tl.abs(xe), 0), tl.max(tl.abs(xo), 0))
-        d = tl.maximum(amax, 1e-5) / 7.0 * clip
-        qe = tl.minimum(tl.maximum(_rint(xe / d), -8.0), 7.0).to(tl.int32)
-        qo = tl.minimum(tl.maximum(_rint(xo / d), -8.0), 7.0).to(tl.int32)
-        packed = ((qe & 0xF) | (qo << 4)).to(tl.int8)
-        tl.store(qa_ptr + row.to(tl.int64) * n_packed + g * HG + half, packed)
-        tl.store(sa_ptr + row.to(tl.int64) * N_GROUPS + g, d)
+    gi = gblk * GC + tl.arange(0, GC)                        # [GC] group ids
+    j = tl.arange(0, HG)
+    o_lo = gi[:, None] * G + j[None, :]                      # [GC, HG] reordered positions, first half
+    o_hi = o_lo + HG
+    m_lo, m_hi = o_lo < K4, o_hi < K4                        # ragged last group / padding: read 0, code 0
+    if HAS_INDEX:
+        s_lo = tl.load(idx_ptr + o_lo, mask=m_lo, other=0)
+        s_hi = tl.load(idx_ptr + o_hi, mask=m_hi, other=0)
+    else:
+        s_lo, s_hi = o_lo, o_hi
+    x_lo = tl.load(x_row + s_lo * stride_xc, mask=m_lo, other=0.0).to(tl.float32)
+    x_hi = tl.load(x_row + s_hi * stride_xc, mask=m_hi, other=0.0).to(tl.float32)
+    if HAS_NORM:
+        x_lo = tl.load(nw_ptr + s_lo, mask=m_lo, other=0.0).to(tl.float32) * (x_lo * inv)
+        x_hi = tl.load(nw_ptr + s_hi, mask=m_hi, other=0.0).to(tl.float32) * (x_hi * inv)
+    amax = tl.maximum(tl.max(tl.abs(x_lo), 1), tl.max(tl.abs(x_hi), 1))       # [GC]
+    d = tl.maximum(amax, 1e-5) / 7.0 * clip
+    q_lo = tl.minimum(tl.maximum(_rint(x_lo / d[:, None]), -8.0), 7.0).to(tl.int32)
+    q_hi = tl.minimum(tl.maximum(_rint(x_hi / d[:, None]), -8.0), 7.0).to(tl.int32)
+    mg = gi < N_GROUPS
+    q_row = qa_ptr + row.to(tl.int64) * stride_qm
+    if A_PACKED:
+        packed = ((q_lo & 0xF) | (q_hi << 4)).to(tl.int8)
+        tl.store(q_row + gi[:, None] * HG + j[None, :], packed, mask=mg[:, None])
+    else:
+        tl.store(q_row + o_lo, q_lo.to(tl.int8), mask=mg[:, None])
+        tl.store(q_row + o_hi, q_hi.to(tl.int8), mask=mg[:, None])
+    tl.store(sa_ptr + row.to(tl.int64) * stride_sm + gi * stride_sg, d, mask=mg)
     if KEEP > 0:   # INT8 outliers (the last KEEP reordered channels), one step per token
-        oo8 = K4 + tl.arange(0, BLOCK_O)
-        m8 = oo8 < C
-        if HAS_INDEX:
-            s8 = tl.load(idx_ptr + oo8, mask=m8, other=0)
-        else:
-            s8 = oo8
-        x8 = tl.load(x_row + s8 * stride_xc, mask=m8, other=0.0).to(tl.float32)
-        if HAS_NORM:
-            x8 = tl.load(nw_ptr + s8, mask=m8, other=0.0).to(tl.float32) * (x8 * inv)
-        d8 = tl.maximum(tl.max(tl.abs(x8), 0), 1e-5) / 127.0
-        q8 = tl.minimum(tl.maximum(_rint(x8 / d8), -128.0), 127.0).to(tl.int8)
-        tl.store(qa8_ptr + row.to(tl.int64) * KEEP + tl.arange(0, BLOCK_O), q8, mask=tl.arange(0, BLOCK_O) < KEEP)
-        tl.store(sa8_ptr + row, d8)
+        if gblk == 0:
+            oo8 = K4 + tl.arange(0, BLOCK_O)
+            m8 = oo8 < C
+            if HAS_INDEX:
+                s8 = tl.load(idx_ptr + oo8, mask=m8, other=0)
+            else:
+                s8 = oo8
+            x8 = tl.load(x_row + s8 * stride_xc, mask=m8, other=0.0).to(tl.float32)
+            if HAS_NORM:
+                x8 = tl.load(nw_ptr + s8, mask=m8, other=0.0).to(tl.float32) * (x8 * inv)
+            d8 = tl.maximum(tl.max(tl.abs(x8), 0), 1e-5) / 127.0
+            q8 = tl.minimum(tl.maximum(_rint(x8 / d8), -128.0), 127.0).to(tl.int8)
+            tl.store(qa8_ptr + row.to(tl.int64) * KEEP + tl.arange(0, BLOCK_O), q8,
+                     mask=tl.arange(0, BLOCK_O) < KEEP)
+            tl.store(sa8_ptr + row, d8)
 
 
 def quantize_act_w4a4(x: torch.Tensor, group_size: int, keeper: int, *, index: torch.Tensor | None = None,
-                      clip: float = 1.0, norm_weight: torch.Tensor | None = None, eps: float = 1e-5):
-    """Triton version of :func:`quantize_act_w4a4_ref` (one program per token; any strides)."""
+                      clip: float = 1.0, norm_weight: torch.Tensor | None = None, eps: float = 1e-5,
+                      a_layout: str = "packed"):
+    """Triton version of :func:`quantize_act_w4a4_ref` (any strides). ``sa`` is returned as an
+    ``[M, n_groups]`` view of a group-major buffer, so the GEMM reads one group's token scales
+    contiguously."""
+    if a_layout not in ("packed", "int8"):
+        raise ValueError(f"a_layout must be 'packed' or 'int8', got {a_layout!r}")
     M, C = x.shape
     K4, G, ng = _split(C, group_size, keeper)
     dev = x.device
-    qa = torch.empty(M, ng * G // 2, dtype=torch.int8, device=dev)
-    sa = torch.empty(M, ng, dtype=torch.float32, device=dev)
+    packed = a_layout == "packed"
+    qa = torch.empty(M, ng * G // 2 if packed else ng * G, dtype=torch.int8, device=dev)
+    sa = torch.empty(ng, M, dtype=torch.float32, device=dev).t()          # [M, ng], strides (1, M)
     qa8 = torch.empty(M, keeper, dtype=torch.int8, device=dev)
     sa8 = torch.ones(M, dtype=torch.float32, device=dev)
     idx = index.to(device=dev, dtype=torch.int32).contiguous() if index is not None else qa
-    nw = norm_weight.contiguous() if norm_weight is not None else sa
-    _reorder_quant_kernel[(M,)](
-        x, idx, nw, qa, sa, qa8, sa8, C, K4, x.stride(0), x.stride(1), float(clip), float(eps), ng,
+    nw = norm_weight.contiguous() if norm_weight is not None else sa8
+    gc = min(triton.next_power_of_2(ng), max(1, 4096 // G))
+    tile = gc * G
+    _reorder_quant_kernel[(M, triton.cdiv(ng, gc))](
+        x, idx, nw, qa, sa, qa8, sa8, C, K4, ng, x.stride(0), x.stride(1), qa.stride(0), sa.stride(0), sa.stride(1),
+        float(clip), float(eps),
         G=G, KEEP=keeper, BLOCK_O=max(16, triton.next_power_of_2(max(keeper, 1))),
-        BLOCK_C=min(1024, triton.next_power_of_2(C)), HAS_INDEX=index is not None, HAS_NORM=norm_weight is not None)
+        BLOCK_C=min(1024, triton.next_power_of_2(C)), GC=gc, HAS_INDEX=index is not None,
+        HAS_NORM=norm_weight is not None, A_PACKED=packed, num_warps=8 if tile >= 4096 else 4)
     return qa, sa, qa8, sa8
 
 
 # ----------------------------------------------------------------------------------------------
 # W4A4 group GEMM with the INT8 outlier part
+def _a_is_packed(qa: torch.Tensor, n_groups: int, group_size: int) -> bool:
+    if qa.shape[1] * 2 == n_groups * group_size:
+        return True
+    if qa.shape[1] == n_groups * group_size:
+        return False
+    raise ValueError(f"activation codes have {qa.shape[1]} columns: expected {n_groups * group_size // 2} "
+                     f"(packed) or {n_groups * group_size} (int8) for {n_groups} groups of {group_size}")
+
+
 def w4a4_gemm_ref(qa, sa, qa8, sa8, qw, sw, qw8, sw8, group_size: int, out_dtype=torch.float32) -> torch.Tensor:
     """Integer reference: exact integer dot per group (float64 holds these sums exactly: |sum| <= 64 G
     << 2^53; CUDA has no int64 matmul), then the fp32 per-group scale outer product."""
-    a = unpack_int4_pairs(qa).double()                   # [M, Kp]
-    w = unpack_int4_pairs(qw.t()).double()               # [N, Kp]
-    M, Kp = a.shape
     ng = sa.shape[1]
-    G = Kp // ng
-    y = torch.zeros(M, w.shape[0], dtype=torch.float32, device=qa.device)
+    G = group_size
+    a = (unpack_int4_halves(qa, G) if _a_is_packed(qa, ng, G) else qa).double()    # [M, Kp]
+    w = unpack_int4_halves(qw, G).double()                                           # [N, Kp]
+    y = torch.zeros(a.shape[0], w.shape[0], dtype=torch.float32, device=qa.device)
     for g in range(ng):
         s = slice(g * G, (g + 1) * G)
         acc = (a[:, s] @ w[:, s].t()).float()
         y += acc * sa[:, g, None] * sw[None, g, :]
     if qa8.shape[1]:
-        acc8 = (qa8.double() @ qw8.double()).float()
+        acc8 = (qa8.double() @ qw8.double().t()).float()
         y += acc8 * sa8[:, None] * sw8[None, :]
     return y.to(out_dtype)
 
 
 @triton.jit
+def _lo_nibble_x16(b, USE_ASM: tl.constexpr):
+    """int8 bytes -> 16 x (signed low nibble), as int8 (exact: a shift into the high nibble)."""
+    if USE_ASM:   # four bytes per 32-bit register: shl + and
+        return tl.inline_asm_elementwise("shl.b32 $0, $1, 4; and.b32 $0, $0, 0xF0F0F0F0;",
+                                         "=r,r", [b], dtype=tl.int8, is_pure=True, pack=4)
+    else:
+        return (b << 4).to(tl.int8)
+
+
+@triton.jit
+def _hi_nibble_x16(b, USE_ASM: tl.constexpr):
+    """int8 bytes -> 16 x (signed high nibble), as int8 (exact: clear the low nibble)."""
+    if USE_ASM:
+        return tl.inline_asm_elementwise("and.b32 $0, $1, 0xF0F0F0F0;", "=r,r", [b], dtype=tl.int8,
+                                         is_pure=True, pack=4)
+    else:
+        return (b & -16).to(tl.int8)
+
+
+@triton.jit
 def _w4a4_gemm_kernel(qa_ptr, sa_ptr, qa8_ptr, sa8_ptr, qw_ptr, sw_ptr, qw8_ptr, sw8_ptr, y_ptr,
-                      M, N, N_GROUPS, KEEP,
-                      G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_O: tl.constexpr,
-                      GROUP_M: tl.constexpr):
+                      M, N, N_GROUPS, KEEP, KH, stride_am, stride_sam, stride_sag, stride_a8m, stride_ym, inv,
+                      G: tl.constexpr, A_PACKED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                      BLOCK_O: tl.constexpr, GROUP_M: tl.constexpr, USE_ASM: tl.constexpr,
+                      FAST_CVT: tl.constexpr, SWAP_AB: tl.constexpr, NO_DEQUANT: tl.constexpr):
+    """One [BLOCK_M, BLOCK_N] output tile; SWAP_AB computes its transpose (weights as the MMA's A
+    operand: the unpacked weight tile may stay in registers; small M fills the MMA's 64-row side).
+    NO_DEQUANT is a timing diagnostic only (wrong numbers): one int32 accumulator over all groups, no
+    per-group scales, i.e. the unpack + INT8 MMA cost without the CUDA-core dequantization."""
     pid = tl.program_id(0)
     n_m, n_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
     # grouped ordering of the tiles (L2 reuse of the weight tiles)
@@ -224,64 +318,139 @@ def _w4a4_gemm_kernel(qa_ptr, sa_ptr, qa8_ptr, sa8_ptr, qw_ptr, sw_ptr, qw8_ptr,
     HG: tl.constexpr = G // 2
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mm, mn = rm < M, rn < N
+    rm_c = (rm % M).to(tl.int64)       # out-of-range rows/cols read a valid row (never stored): no load masks
+    rn_c = (rn % N).to(tl.int64)
     rk = tl.arange(0, HG)
-    kp = N_GROUPS * HG
-    a_ptrs = qa_ptr + rm.to(tl.int64)[:, None] * kp + rk[None, :]
-    w_ptrs = qw_ptr + rk.to(tl.int64)[:, None] * N + rn[None, :]
-    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    sa_ptrs = sa_ptr + rm_c * stride_sam
+    sw_ptrs = sw_ptr + rn_c
+    if SWAP_AB:
+        a_ptrs = qa_ptr + rm_c[None, :] * stride_am + rk[:, None]                 # [G/2, BM]
+        w_ptrs = qw_ptr + rn_c[:, None] * KH + rk[None, :]                        # [BN, G/2]
+        acc = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
+        acc_i = tl.zeros((BLOCK_N, BLOCK_M), tl.int32)
+    else:
+        a_ptrs = qa_ptr + rm_c[:, None] * stride_am + rk[None, :]                 # [BM, G/2]
+        w_ptrs = qw_ptr + rn_c[None, :] * KH + rk[:, None]                        # [G/2, BN]
+        acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+        acc_i = tl.zeros((BLOCK_M, BLOCK_N), tl.int32)
     for g in range(N_GROUPS):
-        a = tl.load(a_ptrs, mask=mm[:, None], other=0).to(tl.int32)      # [BM, G/2] packed bytes
-        w = tl.load(w_ptrs, mask=mn[None, :], other=0).to(tl.int32)      # [G/2, BN]
-        a_lo, a_hi = ((a << 28) >> 28).to(tl.int8), (a >> 4).to(tl.int8)
-        w_lo, w_hi = ((w << 28) >> 28).to(tl.int8), (w >> 4).to(tl.int8)
-        part = tl.dot(a_lo, w_lo, out_dtype=tl.int32)
-        part = tl.dot(a_hi, w_hi, part, out_dtype=tl.int32)
-        s_a = tl.load(sa_ptr + rm.to(tl.int64) * N_GROUPS + g, mask=mm, other=0.0)
-        s_w = tl.load(sw_ptr + g * N + rn, mask=mn, other=0.0)
-        acc += part.to(tl.float32) * s_a[:, None] * s_w[None, :]
-        a_ptrs += HG
-        w_ptrs += HG * N
-    if BLOCK_O > 0:
-        ro = tl.arange(0, BLOCK_O)
-        mo = ro < KEEP
-        a8 = tl.load(qa8_ptr + rm.to(tl.int64)[:, None] * KEEP + ro[None, :], mask=mm[:, None] & mo[None, :], other=0)
-        w8 = tl.load(qw8_ptr + ro.to(tl.int64)[:, None] * N + rn[None, :], mask=mo[:, None] & mn[None, :], other=0)
-        p8 = tl.dot(a8, w8, out_dtype=tl.int32)
-        s_a8 = tl.load(sa8_ptr + rm, mask=mm, other=0.0)
-        s_w8 = tl.load(sw8_ptr + rn, mask=mn, other=0.0)
-        acc += p8.to(tl.float32) * s_a8[:, None] * s_w8[None, :]
-    y_ptrs = y_ptr + rm.to(tl.int64)[:, None] * N + rn[None, :]
-    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mm[:, None] & mn[None, :])
+        wb = tl.load(w_ptrs)
+        w_lo = _lo_nibble_x16(wb, USE_ASM)
+        w_hi = _hi_nibble_x16(wb, USE_ASM)
+        if A_PACKED:
+            ab = tl.load(a_ptrs)
+            a_lo = _lo_nibble_x16(ab, USE_ASM)
+            a_hi = _hi_nibble_x16(ab, USE_ASM)
+            a_ptrs += HG
+        else:
+            a_lo = tl.load(a_ptrs)
+            a_hi = tl.load(a_ptrs + HG)
+            a_ptrs += G
+        if NO_DEQUANT:
+            if SWAP_AB:
+                acc_i = tl.dot(w_lo, a_lo, acc_i, out_dtype=tl.int32)
+                acc_i = tl.dot(w_hi, a_hi, acc_i, out_dtype=tl.int32)
+            else:
+                acc_i = tl.dot(a_lo, w_lo, acc_i, out_dtype=tl.int32)
+                acc_i = tl.dot(a_hi, w_hi, acc_i, out_dtype=tl.int32)
+        else:
+            s_a = tl.load(sa_ptrs + g * stride_sag)
+            s_w = tl.load(sw_ptrs + g * N)
+            if SWAP_AB:
+                part = tl.dot(w_lo, a_lo, out_dtype=tl.int32)
+                part = tl.dot(w_hi, a_hi, part, out_dtype=tl.int32)        # 16x or 256x the group sum, < 2^22
+                s = s_w[:, None] * s_a[None, :]
+            else:
+                part = tl.dot(a_lo, w_lo, out_dtype=tl.int32)
+                part = tl.dot(a_hi, w_hi, part, out_dtype=tl.int32)
+                s = s_a[:, None] * s_w[None, :]
+            if FAST_CVT:
+                pf = (part + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0
+            else:
+                pf = part.to(tl.float32)
+            acc += pf * s
+        w_ptrs += HG
+    if NO_DEQUANT:
+        acc = acc_i.to(tl.float32)
+    acc = acc * inv                    # 1/16 or 1/256: exact
+    s_a8 = tl.load(sa8_ptr + rm_c)
+    s_w8 = tl.load(sw8_ptr + rn_c)
+    if SWAP_AB:
+        if BLOCK_O > 0:
+            ro = tl.arange(0, BLOCK_O)
+            mo = ro < KEEP
+            w8 = tl.load(qw8_ptr + rn_c[:, None] * KEEP + ro[None, :], mask=mo[None, :], other=0)       # [BN, BO]
+            a8 = tl.load(qa8_ptr + rm_c[None, :] * stride_a8m + ro[:, None], mask=mo[:, None], other=0)  # [BO, BM]
+            p8 = tl.dot(w8, a8, out_dtype=tl.int32)
+            acc += p8.to(tl.float32) * s_w8[:, None] * s_a8[None, :]
+        y_ptrs = y_ptr + rm.to(tl.int64)[None, :] * stride_ym + rn[:, None]
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=(rm < M)[None, :] & (rn < N)[:, None])
+    else:
+        if BLOCK_O > 0:
+            ro = tl.arange(0, BLOCK_O)
+            mo = ro < KEEP
+            a8 = tl.load(qa8_ptr + rm_c[:, None] * stride_a8m + ro[None, :], mask=mo[None, :], other=0)  # [BM, BO]
+            w8 = tl.load(qw8_ptr + rn_c[None, :] * KEEP + ro[:, None], mask=mo[:, None], other=0)       # [BO, BN]
+            p8 = tl.dot(a8, w8, out_dtype=tl.int32)
+            acc += p8.to(tl.float32) * s_a8[:, None] * s_w8[None, :]
+        y_ptrs = y_ptr + rm.to(tl.int64)[:, None] * stride_ym + rn[None, :]
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=(rm < M)[:, None] & (rn < N)[None, :])
 
 
 class W4A4Config:
-    """Tile shape of :func:`w4a4_gemm`."""
+    """Tile shape and code path of :func:`w4a4_gemm`. ``use_asm``: unpack four bytes per 32-bit
+    register with inline PTX (GPU only; ``None``: on a GPU); ``fast_cvt``: magic-number int32 -> fp32;
+    ``swap_ab``: compute the tile transposed (weights as the MMA's first operand)."""
 
     def __init__(self, block_m: int = 64, block_n: int = 64, num_warps: int = 4, num_stages: int = 2,
-                 group_m: int = 8):
+                 group_m: int = 8, use_asm: bool | None = None, fast_cvt: bool = True, swap_ab: bool = False,
+                 no_dequant: bool = False):
         self.block_m, self.block_n, self.num_warps, self.num_stages, self.group_m = (
             block_m, block_n, num_warps, num_stages, group_m)
+        self.use_asm, self.fast_cvt, self.swap_ab = use_asm, fast_cvt, swap_ab
+        self.no_dequant = no_dequant      # timing diagnostic only: skips the per-group scales (wrong numbers)
 
     def as_dict(self) -> dict:
         return dict(block_m=self.block_m, block_n=self.block_n, num_warps=self.num_warps,
-                    num_stages=self.num_stages, group_m=self.group_m)
+                    num_stages=self.num_stages, group_m=self.group_m, use_asm=self.use_asm, fast_cvt=self.fast_cvt,
+                    swap_ab=self.swap_ab, no_dequant=self.no_dequant)
+
+
+def default_w4a4_config(M: int) -> W4A4Config:
+    """The tiles the GPU benchmark (``mlsys24.quant.atom_bench``, H200 run in data/results/atom/) measured
+    fastest at Llama-7B shapes: 32x64 at M = 32 for all three shapes, 128x64 (64x128 within 1.5 %) at
+    M = 1024; 4 warps, 4 stages, packed activations."""
+    if M < 96:
+        return W4A4Config(32, 64, 4, 4)
+    return W4A4Config(128, 64, 4, 4)
 
 
 def w4a4_gemm(qa, sa, qa8, sa8, qw, sw, qw8, sw8, group_size: int, out_dtype=torch.float32,
               config: W4A4Config | None = None) -> torch.Tensor:
-    """Triton W4A4 GEMM (see the module docstring); returns ``[M, N]`` in ``out_dtype``."""
-    cfg = config or W4A4Config(block_m=16 if qa.shape[0] <= 16 else 32, block_n=32)
-    M, N = qa.shape[0], qw.shape[1]
+    """Triton W4A4 GEMM (see the module docstring); returns ``[M, N]`` in ``out_dtype``. ``qa`` packed
+    (``[M, Kp/2]``) or int8 codes (``[M, Kp]``), told apart by its width."""
+    M, N = qa.shape[0], qw.shape[0]
     ng = sa.shape[1]
-    G = 2 * qa.shape[1] // ng
+    G = group_size
+    packed = _a_is_packed(qa, ng, G)
     keep = qa8.shape[1]
+    if qa.stride(1) != 1 or qw.stride(1) != 1 or (keep and (qa8.stride(1) != 1 or not qw8.is_contiguous())):
+        raise ValueError("w4a4_gemm: code tensors need a contiguous last dim")
+    if _INTERPRET:
+        cfg = config or W4A4Config(block_m=16 if M <= 16 else 32, block_n=32)
+    else:
+        cfg = config or default_w4a4_config(M)
+    use_asm = (qa.is_cuda and not _INTERPRET) if cfg.use_asm is None else (cfg.use_asm and not _INTERPRET)
     y = torch.empty(M, N, dtype=out_dtype, device=qa.device)
     grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n),)
     _w4a4_gemm_kernel[grid](qa, sa, qa8 if keep else qa, sa8, qw, sw, qw8 if keep else qw, sw8, y, M, N, ng, keep,
-                            G=G, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+                            qw.stride(0), qa.stride(0), sa.stride(0), sa.stride(1),
+                            qa8.stride(0) if keep else 0, y.stride(0), 1.0 / 256 if packed else 1.0 / 16,
+                            G=G, A_PACKED=packed, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
                             BLOCK_O=max(32, triton.next_power_of_2(keep)) if keep else 0, GROUP_M=cfg.group_m,
-                            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                            USE_ASM=use_asm, FAST_CVT=cfg.fast_cvt, SWAP_AB=cfg.swap_ab,
+                            NO_DEQUANT=cfg.no_dequant, num_warps=cfg.num_warps,
+                            num_stages=cfg.num_stages)
     return y
 
 
@@ -317,7 +486,7 @@ def decode_attention_kv4_ref(q, k4, kd, kz, v4, vd, vz, kv_lens, scale: float | 
 
 @triton.jit
 def _attn_kv4_kernel(q_ptr, k_ptr, kd_ptr, kz_ptr, v_ptr, vd_ptr, vz_ptr, lens_ptr, o_ptr,
-                     H, KVH, sq_b, sq_h, sk_b, sk_s, sk_h, sm_b, sm_s, so_b, so_h, scale,
+                     H, KVH, sq_b, sq_h, sk_b, sk_s, sk_h, sm_b, sm_s, sm_h, so_b, so_h, scale,
                      D2: tl.constexpr, BLOCK_S: tl.constexpr):
     b = tl.program_id(0)
     h = tl.program_id(1)
@@ -335,7 +504,7 @@ def _attn_kv4_kernel(q_ptr, k_ptr, kd_ptr, kz_ptr, v_ptr, vd_ptr, vz_ptr, lens_p
         os_ = s0 + tl.arange(0, BLOCK_S)
         ms = os_ < L
         kv_off = b.to(tl.int64) * sk_b + os_[:, None].to(tl.int64) * sk_s + kvh * sk_h + d2[None, :]
-        meta = b.to(tl.int64) * sm_b + os_.to(tl.int64) * sm_s + kvh
+        meta = b.to(tl.int64) * sm_b + os_.to(tl.int64) * sm_s + kvh * sm_h
         kp = tl.load(k_ptr + kv_off, mask=ms[:, None], other=0).to(tl.int32)
         kd = tl.load(kd_ptr + meta, mask=ms, other=0.0)
         kz = tl.load(kz_ptr + meta, mask=ms, other=0.0)
@@ -361,16 +530,17 @@ def _attn_kv4_kernel(q_ptr, k_ptr, kd_ptr, kz_ptr, v_ptr, vd_ptr, vz_ptr, lens_p
 
 
 def decode_attention_kv4(q, k4, kd, kz, v4, vd, vz, kv_lens, scale: float | None = None,
-                         block_s: int = 32) -> torch.Tensor:
+                         block_s: int = 32, num_warps: int = 4) -> torch.Tensor:
     """Triton version of :func:`decode_attention_kv4_ref` (one program per (row, head); dequantizes the
-    4-bit K/V in registers; online softmax). ``kv_lens[b] >= 1``."""
+    4-bit K/V in registers; online softmax). ``kv_lens[b] >= 1``. Any strides: a head-major cache
+    (``[B, KV, S, .]`` storage seen through a ``[B, S, KV, .]`` view) gives contiguous per-head reads."""
     B, H, D = q.shape
     KV = k4.shape[2]
-    if k4.stride() != v4.stride() or kd.stride() != vd.stride() or kd.stride() != kz.stride() or kd.stride(-1) != 1:
-        raise ValueError("K and V caches must share one layout")
+    if k4.stride() != v4.stride() or kd.stride() != vd.stride() or kd.stride() != kz.stride() or k4.stride(-1) != 1:
+        raise ValueError("K and V caches must share one layout (codes contiguous along head_dim)")
     out = torch.empty(B, H, D, dtype=torch.float32, device=q.device)
     _attn_kv4_kernel[(B, H)](q, k4, kd, kz, v4, vd, vz, kv_lens.to(torch.int32), out, H, KV,
                              q.stride(0), q.stride(1), k4.stride(0), k4.stride(1), k4.stride(2),
-                             kd.stride(0), kd.stride(1), out.stride(0), out.stride(1),
-                             float(scale or 1.0 / math.sqrt(D)), D2=D // 2, BLOCK_S=block_s)
+                             kd.stride(0), kd.stride(1), kd.stride(2), out.stride(0), out.stride(1),
+                             float(scale or 1.0 / math.sqrt(D)), D2=D // 2, BLOCK_S=block_s, num_warps=num_warps)
     return out
