@@ -177,3 +177,58 @@ def test_shape_errors():
         sgmv_shrink(torch.zeros(3, 8), torch.randn(3, 17), A, seg)
     with pytest.raises(ValueError, match="weights"):
         sgmv_shrink(torch.zeros(3, 8), x.half(), A, seg)
+
+
+@pytest.mark.parametrize("reduce,R,popularity", [
+    ("workspace", 8, "distinct"), ("workspace", 64, "skewed"), ("serial", 32, "distinct"), ("serial", 64, "uniform"),
+    ("atomic", 16, "skewed"), ("atomic", 64, "identical")])
+def test_lora_sgmv_split_k_reductions(reduce, R, popularity):
+    """The three split-K reductions of ``lora_sgmv`` (split partials summed by the expand kernel, by
+    the last split of each tile to arrive, or fp32 atomics into a zeroed v) over ranks 8-64, with
+    more splits than one chunk of the sum; the arrival counters are left at zero for the next call."""
+    from mlsys24.lora.sgmv import SGMVConfig
+
+    N, K, H = 7, 83, 41
+    A, B, scale = pools(9, K, R, H, torch.float32, seed=R)
+    slots = slots_for(popularity, N, 9, seed=R)
+    x = torch.randn(N, K)
+    ref = lora_ref(x, A, B, scale, slots)
+    seg = segments_from_slots(slots)
+    cfg = SGMVConfig(block_k=16, block_n=16, reduce=reduce)
+    for split in (1, 6):
+        got = lora_sgmv(x, A, B, scale, seg, config=cfg, split_k=split)
+        assert (got - ref).abs().max() <= 1e-4, (split, reduce)
+    y0 = torch.randn(N, H)
+    got = lora_sgmv(x, A, B, scale, seg, y=y0.clone(), config=cfg, split_k=6)
+    assert (got - (y0 + ref)).abs().max() <= 1e-4
+    if reduce == "serial":
+        from mlsys24.lora.sgmv import _arrival_counters
+        assert int(_arrival_counters(x.device, seg.capacity).abs().sum()) == 0
+
+
+def test_expand_sums_split_partials():
+    """``sgmv_expand`` with ``v [splits, N, R]`` adds up the splits (fewer per chunk than splits)."""
+    N, R, H = 5, 64, 19
+    _, B, scale = pools(2, 16, R, H, torch.float32)
+    parts = torch.randn(7, N, R)
+    seg = segments_from_indptr([0, 2, 5], [1, 0])
+    y = sgmv_expand(torch.zeros(N, H), parts, B, seg, scale)
+    assert (y - lora_ref(parts.sum(0), torch.eye(R)[None].repeat(2, 1, 1), B, scale, [1, 1, 0, 0, 0])).abs().max() <= 1e-4
+
+
+def test_sgmv_config_table():
+    from mlsys24.lora.sgmv import SGMVConfig, set_sgmv_configs, sgmv_config
+
+    try:
+        a, b = SGMVConfig(block_n=64), SGMVConfig(block_n=256, pdl=True)
+        set_sgmv_configs({(64, 48, 16): [(1, a), (64, b.as_dict())]})
+        assert sgmv_config(64, 48, 16, 1) == a and sgmv_config(64, 48, 16, 40) == b
+        assert sgmv_config(64, 96, 16, 2) == a          # nearest tuned shape of the same rank
+        assert sgmv_config(64, 48, 32, 2) != a           # another rank: the default
+        # the tuned configs give the same result as the default
+        A, B, scale = pools(4, 64, 16, 48, torch.float32)
+        x = torch.randn(3, 64)
+        seg = segments_from_slots([2, 0, 3])
+        assert (lora_sgmv(x, A, B, scale, seg) - lora_ref(x, A, B, scale, [2, 0, 3])).abs().max() <= 1e-4
+    finally:
+        set_sgmv_configs(None)

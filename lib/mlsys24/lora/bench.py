@@ -5,8 +5,11 @@
 1. **Operators** (fp16, h1 = 4096, h2 in {4096, 11008}, r in {16, 32, 64}, batch 1..64, the four
    popularities): ``dense`` (the backbone ``X @ W``, cuBLAS), ``loop``, ``gather_bmm``, ``bgmv``,
    ``sgmv`` (each LoRA provider computes ``y += s * (x A) B`` for all rows). Median of CUDA-event
-   timings with the L2 flushed (``mlsys24.bench.measure``). SGMV's and BGMV's split-K / N-tile sizes
-   are tuned once per (h2, r) at batch 64 Distinct and the choice is recorded. Every provider is also
+   timings with the L2 flushed (``mlsys24.bench.measure``). SGMV's launch config (split-K reduction,
+   programmatic dependent launch, split count, K step, N tile, warps) is searched per (h2, r) at
+   1, 8 and 64 Distinct adapters; the table is installed (``set_sgmv_configs``) so every SGMV timing
+   after it, and the serving runs, use what was measured (nearest tile count); every trial is
+   checked against the float32 reference. BGMV's split-K / N tile are tuned at batch 64 Distinct. Every provider is also
    checked against the float32 reference in the same run. Each timing is taken twice: ``graph``
    (the op replayed from a CUDA graph: device time, what a captured decode step pays) and ``eager``
    (called from Python: at these sizes the host's kernel-launch time can exceed the GPU work).
@@ -31,6 +34,7 @@ import gc
 import math
 import statistics
 import time
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -42,6 +46,9 @@ from ..serving.scheduler import SchedulerConfig
 from .backends import make_backend
 from .engine import LoRAEngine, PunicaScheduler, SameAdapterScheduler, punica_config
 from .sgmv import (
+    SGMVConfig,
+    _default_sgmv_config,
+    _shrink_split,
     bgmv_expand,
     bgmv_shrink,
     lora_bgmv,
@@ -50,6 +57,9 @@ from .sgmv import (
     lora_ref,
     lora_sgmv,
     segments_from_indptr,
+    set_sgmv_configs,
+    sgmv_config,
+    sgmv_configs,
 )
 from .workload import POPULARITIES, popularity_segments, punica_requests
 
@@ -93,67 +103,134 @@ def _split_for(target_programs: int, n_tiles: int, k_blocks: int) -> int:
     return max(1, min(k_blocks, math.ceil(target_programs / max(1, n_tiles))))
 
 
-def _tune(x, A, B, scale, seg, idx, y, repeats, device, mode) -> dict:
-    """Pick SGMV's and BGMV's split-K target and N-tile at this shape (batch 64 Distinct), by device
-    time (``mode`` graph on a GPU)."""
+def _rel_err(out, ref) -> float:
+    return ((out.float() - ref).abs().max() / ref.abs().max().clamp_min(1e-6)).item()
+
+
+def _tune_sgmv(x, A, B, scale, seg, y, ref, repeats, device, mode, deadline=None) -> tuple[SGMVConfig, float, list]:
+    """Coordinate search of SGMV's launch config at one (shape, batch): the split-K reduction
+    (workspace / serial / atomics) x programmatic dependent launch, then split-K x K step, then the
+    expand's N tile and warps. Every trial is checked against the float32 reference first (a wrong config is rejected)."""
+    R = A.shape[2]
+    trials: list[dict] = []
+
+    def trial(cfg: SGMVConfig):
+        if deadline is not None and time.perf_counter() > deadline:
+            return None
+        try:
+            err = _rel_err(lora_sgmv(x, A, B, scale, seg, torch.zeros_like(y), config=cfg), ref)
+            if not err <= 2e-2:
+                raise ValueError(f"wrong result (rel err {err:.2e})")
+            us = _time(lambda: lora_sgmv(x, A, B, scale, seg, y, config=cfg), device, repeats, mode).median_s * 1e6
+        except Exception as e:  # a config that fails to compile / launch / verify is skipped
+            trials.append({**cfg.as_dict(), "us": None, "error": f"{type(e).__name__}: {str(e)[:160]}"})
+            return None
+        trials.append({**cfg.as_dict(), "us": us})
+        return us
+
+    best_cfg = _default_sgmv_config(R)
+    best = trial(best_cfg)
+    best = float("inf") if best is None else best
+
+    def consider(cfg):
+        nonlocal best, best_cfg
+        if cfg == best_cfg:
+            return
+        t = trial(cfg)
+        if t is not None and t < best:
+            best, best_cfg = t, cfg
+
+    stage = best_cfg
+    for red in ("workspace", "serial", "atomic"):
+        for pdl in (False, True):
+            consider(replace(stage, reduce=red, pdl=pdl))
+    stage = best_cfg
+    for pps in (0.125, 0.5, 1, 2, 4, 8):  # 16 .. 1056 shrink programs on a 132-SM GPU
+        for bk in ((64, 128, 256) if R <= 32 else (32, 64, 128)):
+            consider(replace(stage, programs_per_sm=pps, block_k=bk))
+    stage = best_cfg
+    for bn in (64, 128, 256):
+        for nw in (4, 8):
+            consider(replace(stage, block_n=bn, num_warps=nw))
+    return best_cfg, best, trials
+
+
+def _tune_bgmv(x, A, B, scale, idx, y, repeats, device, mode) -> dict:
+    """BGMV's split-K target and N tile at this shape (batch 64 Distinct)."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
     k_blocks = math.ceil(A.shape[1] / 64)
-    out, trials = {}, []
-    for op in ("sgmv", "bgmv"):
-        best = None
-        n_units = seg.capacity if op == "sgmv" else x.shape[0]
-        for mult in (1, 2, 4, 8):
-            for block_n in (64, 128, 256):
-                split = _split_for(mult * sms, n_units, k_blocks)
-                if op == "sgmv":
-                    def fn(split=split, block_n=block_n):
-                        return lora_sgmv(x, A, B, scale, seg, y, split_k=split, block_n=block_n)
-                else:
-                    def fn(split=split, block_n=block_n):
-                        v = torch.zeros(x.shape[0], A.shape[2], dtype=torch.float32, device=x.device)
-                        bgmv_shrink(v, x, A, idx, split_k=split)
-                        return bgmv_expand(y, v, B, idx, scale, block_n=block_n)
-                t = _time(fn, device, repeats, mode).median_s
-                trials.append({"op": op, "programs_per_sm": mult, "block_n": block_n, "split_k": split, "us": t * 1e6})
-                if best is None or t < best[0]:
-                    best = (t, mult, block_n)
-        out[op] = {"programs_per_sm": best[1], "block_n": best[2], "us": best[0] * 1e6}
-    out["trials"] = trials
-    out["sms"] = sms
-    return out
+    best, trials = None, []
+    for mult in (2, 8):
+        for block_n in (64, 128, 256):
+            split = _split_for(mult * sms, x.shape[0], k_blocks)
+
+            def fn(split=split, block_n=block_n):
+                v = torch.zeros(x.shape[0], A.shape[2], dtype=torch.float32, device=x.device)
+                bgmv_shrink(v, x, A, idx, split_k=split)
+                return bgmv_expand(y, v, B, idx, scale, block_n=block_n)
+            t = _time(fn, device, repeats, mode).median_s
+            trials.append({"programs_per_sm": mult, "block_n": block_n, "split_k": split, "us": t * 1e6})
+            if best is None or t < best[0]:
+                best = (t, mult, block_n)
+    return {"programs_per_sm": best[1], "block_n": best[2], "us": best[0] * 1e6, "trials": trials, "sms": sms}
 
 
 def operator_bench(*, device, dtype=torch.float16, h1=4096, h2s=(4096, 11008), ranks=(16, 32, 64),
                    batches=(1, 2, 4, 8, 16, 32, 64), popularities=POPULARITIES, providers=PROVIDERS,
-                   repeats=50, tune=True, modes=None, log=print) -> list[dict]:
+                   repeats=50, tune=True, tune_batches=(1, 8, 64), tune_budget_s=None, modes=None,
+                   eager_batches=None, log=print) -> list[dict]:
     device = torch.device(device)
     modes = modes or (("graph", "eager") if device.type == "cuda" else ("eager",))
     n_slots = max(batches)
     recs: list[dict] = []
+    tune_deadline = None if tune_budget_s is None else time.perf_counter() + tune_budget_s
     gen = torch.Generator(device=device).manual_seed(1)
     for h2 in h2s:
         W = torch.randn(h1, h2, generator=gen, device=device).to(dtype) * 0.02
         for r in ranks:
             A, B, scale = _pools(n_slots, h1, h2, r, dtype, device, seed=h2 + r)
             host_scale = scale.tolist()
-            cfg = {"sgmv": {"programs_per_sm": None, "block_n": None}, "bgmv": {"programs_per_sm": None, "block_n": None}}
+            bg = {"programs_per_sm": None, "block_n": None}
             sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
             bmax = max(batches)
-            if tune and {"sgmv", "bgmv"} & set(providers):
+            if tune and "sgmv" in providers:
+                # SGMV: a config per number of tiles (1, 8, 64 distinct adapters), measured now and
+                # installed, so the timings below (and a serving run after) use what was measured
+                table = sgmv_configs()
+                table[(h1, h2, r)] = []
+                for bs_t in sorted({b for b in tune_batches if b <= bmax}):
+                    indptr, seg_slot, rows = _batch(bs_t, "distinct")
+                    seg = segments_from_indptr(indptr, seg_slot, device=device)
+                    x = torch.randn(bs_t, h1, generator=gen, device=device).to(dtype)
+                    y = torch.zeros(bs_t, h2, dtype=dtype, device=device)
+                    ref = lora_ref(x, A, B, scale, rows.tolist())
+                    best, us, trials = _tune_sgmv(x, A, B, scale, seg, y, ref, max(5, repeats // 4), device, modes[0],
+                                                  deadline=tune_deadline)
+                    if not math.isfinite(us):  # out of tuning time: this shape keeps the nearest tuned / default
+                        log(f"tuning sgmv h2={h2} r={r} bs={bs_t}: skipped (tuning budget spent)")
+                        continue
+                    table[(h1, h2, r)].append((seg.capacity, best))
+                    recs.append({"kind": "tuning", "op": "sgmv", "h1": h1, "h2": h2, "r": r, "bs": bs_t,
+                                 "capacity": seg.capacity, "best": best.as_dict(), "us": us, "trials": trials})
+                    log(f"tuned sgmv h2={h2} r={r} bs={bs_t}: {us:.1f} us with {best} ({len(trials)} trials)")
+                if not table[(h1, h2, r)]:
+                    del table[(h1, h2, r)]
+                set_sgmv_configs(table)
+            if tune and "bgmv" in providers and (tune_deadline is None or time.perf_counter() < tune_deadline):
                 indptr, seg_slot, rows = _batch(bmax, "distinct")
-                seg = segments_from_indptr(indptr, seg_slot, device=device)
                 x = torch.randn(bmax, h1, generator=gen, device=device).to(dtype)
                 y = torch.zeros(bmax, h2, dtype=dtype, device=device)
                 idx = torch.as_tensor(rows, dtype=torch.int32, device=device)
-                cfg = _tune(x, A, B, scale, seg, idx, y, max(5, repeats // 5), device, modes[0])
-                recs.append({"kind": "tuning", "h1": h1, "h2": h2, "r": r, **{k: v for k, v in cfg.items()}})
-                log(f"tuned h2={h2} r={r}: sgmv {cfg['sgmv']} bgmv {cfg['bgmv']}")
+                bg = _tune_bgmv(x, A, B, scale, idx, y, max(5, repeats // 5), device, modes[0])
+                recs.append({"kind": "tuning", "op": "bgmv", "h1": h1, "h2": h2, "r": r, "bs": bmax, **bg})
+                log(f"tuned bgmv h2={h2} r={r}: {bg['us']:.1f} us, {bg['programs_per_sm']}/SM, block_n {bg['block_n']}")
             k_blocks = math.ceil(h1 / 64)
             for bs in batches:
                 x = torch.randn(bs, h1, generator=gen, device=device).to(dtype)
                 y = torch.zeros(bs, h2, dtype=dtype, device=device)
+                bs_modes = [m for m in modes if m == modes[0] or eager_batches is None or bs in eager_batches]
                 if "dense" in providers and r == ranks[0]:  # the backbone does not depend on r
-                    for mode in modes:
+                    for mode in bs_modes:
                         t = _time(lambda: torch.mm(x, W), device, repeats, mode)
                         recs.append({"kind": "op", "mode": mode, "provider": "dense", "h1": h1, "h2": h2, "r": None,
                                      "bs": bs, "popularity": "any", "n_segments": 0, "median_us": t.median_us,
@@ -167,26 +244,29 @@ def operator_bench(*, device, dtype=torch.float16, h1=4096, h2s=(4096, 11008), r
                     idx = torch.as_tensor(rows, dtype=torch.int32, device=device)
                     must_move = (S * (h1 * r + r * h2) + bs * h1 + 2 * bs * h2) * x.element_size()
                     flops = 2 * bs * r * (h1 + h2)
-                    sg_split = (_split_for(cfg["sgmv"]["programs_per_sm"] * sms, seg.capacity, k_blocks)
-                                if cfg["sgmv"]["programs_per_sm"] else None)
-                    bg_split = (_split_for(cfg["bgmv"]["programs_per_sm"] * sms, bs, k_blocks)
-                                if cfg["bgmv"]["programs_per_sm"] else None)
+                    sg_cfg = sgmv_config(h1, h2, r, seg.capacity)
+                    sg_splits = _shrink_split(h1, r, seg.block_m, seg.capacity, device, sg_cfg, None)[1]
+                    sg_err = (_rel_err(lora_sgmv(x, A, B, scale, seg, torch.zeros_like(y), config=sg_cfg),
+                                       lora_ref(x, A, B, scale, rows.tolist())) if "sgmv" in providers else None)
+                    bg_split = (_split_for(bg["programs_per_sm"] * sms, bs, k_blocks)
+                                if bg["programs_per_sm"] else None)
                     fns = {
                         "loop": lambda: lora_loop(x, A, B, host_scale, seg, y),
                         "gather_bmm": lambda: lora_gather_bmm(x, A, B, scale, idx, y),
                         "bgmv": lambda: lora_bgmv(x, A, B, scale, idx, y, split_k=bg_split),
-                        "sgmv": lambda: lora_sgmv(x, A, B, scale, seg, y, split_k=sg_split,
-                                                  block_n=cfg["sgmv"]["block_n"]),
+                        "sgmv": lambda: lora_sgmv(x, A, B, scale, seg, y, config=sg_cfg),
                     }
                     for prov in providers:
                         if prov == "dense":
                             continue
-                        for mode in modes:
+                        for mode in bs_modes:
                             t = _time(fns[prov], device, repeats, mode)
                             recs.append({"kind": "op", "mode": mode, "provider": prov, "h1": h1, "h2": h2, "r": r,
                                          "bs": bs, "popularity": pop, "n_segments": S, "median_us": t.median_us,
                                          "p10_us": t.p10_s * 1e6, "p90_us": t.p90_s * 1e6,
-                                         **roofline(t.median_s, bytes=must_move, flops=flops, device=t.device)})
+                                         **roofline(t.median_s, bytes=must_move, flops=flops, device=t.device),
+                                         **({"config": sg_cfg.as_dict(), "n_splits": sg_splits, "max_rel_err": sg_err}
+                                            if prov == "sgmv" else {})})
             # correctness at the largest batch, every provider, against the float32 reference
             for pop in ("distinct", "skewed"):
                 indptr, seg_slot, rows = _batch(bmax, pop)
@@ -357,8 +437,9 @@ def run(args) -> str:
     torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = True
     records: list[dict] = []
     config = {"quick": quick, "budget_s": extra.budget, "dtype": "float16", "h1": 4096,
-              "h2s": [4096, 11008] if not quick else [11008], "ranks": [16, 32, 64] if not quick else [16, 64],
+              "h2s": [11008, 4096] if not quick else [11008], "ranks": [16, 64, 32] if not quick else [16, 64],
               "batches": [1, 2, 4, 8, 16, 32, 64], "repeats": 20 if quick else 50, "warmup": 3,
+              "tune_budget_s": 40.0 if quick else min(140.0, 0.38 * extra.budget), "eager_batches": [1, 64],
               "datasheet_GBps": device_peaks().hbm_GBps}
 
     def save():
@@ -372,7 +453,11 @@ def run(args) -> str:
 
     if not extra.no_ops:
         records += operator_bench(device=dev, h2s=tuple(config["h2s"]), ranks=tuple(config["ranks"]),
-                                  batches=tuple(config["batches"]), repeats=config["repeats"], log=log)
+                                  batches=tuple(config["batches"]), repeats=config["repeats"],
+                                  tune_budget_s=config["tune_budget_s"], eager_batches=tuple(config["eager_batches"]),
+                                  log=log)
+        config["sgmv_configs"] = {f"{k[0]}x{k[1]}x{k[2]}": [[c, cfg.as_dict()] for c, cfg in v]
+                                  for k, v in sgmv_configs().items()}
         path = save()
         log(f"saved {path}")
         torch.cuda.empty_cache()
@@ -411,4 +496,8 @@ def run(args) -> str:
     config["max_memory_GiB"] = torch.cuda.max_memory_allocated() / 2**30
     path = save()
     log(f"saved {path}")
+    from .report import gpu_claims
+    for name, c in gpu_claims(records).items():
+        log(f"claim {name}: " + ("not measured" if c is None else
+                                 f"{c['value']:.3g} (target {c['target']}) {'OK' if c['ok'] else 'MISSED'} · {c['detail']}"))
     return str(path)

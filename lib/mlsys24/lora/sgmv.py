@@ -9,10 +9,18 @@ With the adapters' low-rank pairs stacked in a slot pool, ``A [n_slots, h1, r]``
 Punica computes (1) as two SGMV calls over *segments*, runs of rows that share an adapter:
 
 - **shrink** ``v = x @ A[slot]`` (h1 -> r): the output is narrow and K = h1 is large, so the
-  K dimension is split across programs (``split_k``); partial sums are added into ``v`` with fp32
-  atomics (every program adds exactly once, so uneven segments cannot stall a reduction);
+  K dimension is split across programs (``split_k``), which spreads even a single adapter's read
+  over the GPU. The splits' partial sums are combined without any program waiting for another (so
+  uneven segments cannot stall a reduction): kept in an fp32 workspace and summed by the expand
+  (``reduce="workspace"``), summed by the last split of each tile to arrive (``"serial"``, a
+  per-tile arrival counter), or added with fp32 atomics into a zeroed ``v`` (``"atomic"``, what
+  :func:`sgmv_shrink` does);
 - **expand** ``y += s * v @ B[slot]`` (r -> h2): K = r is tiny, N = h2 is large, so the grid is
-  one program per (segment tile, N tile).
+  one program per (segment tile, N tile). With programmatic dependent launch (Hopper) it starts
+  while the shrink runs: its ``B`` tile and ``y`` are read before it waits for ``v``.
+
+:class:`SGMVConfig` holds these choices; :func:`sgmv_config` returns the one measured best for a
+shape and tile count by the GPU benchmark (installed with :func:`set_sgmv_configs`), else a default.
 
 ``v`` is stored in fp32 between the two (an fp16 intermediate loses accuracy: vllm-project/vllm PR
 #1804). With fp16/bf16 weights the expand multiplies on TF32 tensor cores: the weights convert
@@ -41,6 +49,7 @@ needs tiles of at least 16).
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -49,11 +58,12 @@ import numpy as np
 import torch
 import triton
 import triton.language as tl
+import triton.language.extra.cuda  # noqa: F401  (tl.extra.cuda.gdc_*: programmatic dependent launch)
 
 from mlsys24.kernels import no_overflow_checks as _launch  # also: the CPU interpreter fixes (no-op on GPU)
 
 __all__ = [
-    "Segments", "segments_from_slots", "segments_from_indptr",
+    "Segments", "SGMVConfig", "sgmv_config", "sgmv_configs", "set_sgmv_configs", "segments_from_slots", "segments_from_indptr",
     "sgmv_shrink", "sgmv_expand", "sgmv", "lora_sgmv",
     "bgmv_shrink", "bgmv_expand", "lora_bgmv",
     "lora_loop", "lora_gather_bmm", "lora_segmented_torch",
@@ -205,17 +215,27 @@ def segments_from_indptr(seg_indptr: Sequence[int], seg_slot: Sequence[int], *, 
 # ------------------------------------------------------------------------------------------------
 # Batch-dependent integers are not specialized on (one compilation serves every batch size).
 @triton.jit(do_not_specialize=["n_rows", "capacity", "k_per_split"])
-def _sgmv_shrink_kernel(x_ptr, w_ptr, v_ptr, table_ptr, n_rows, capacity, K, R, k_per_split,
-                        stride_xm, stride_xk, stride_ws, stride_wk, stride_wr, stride_vm, stride_vr,
+def _sgmv_shrink_kernel(x_ptr, w_ptr, v_ptr, table_ptr, count_ptr, n_rows, capacity, K, R, k_per_split,
+                        stride_xm, stride_xk, stride_ws, stride_wk, stride_wr, stride_vs, stride_vm, stride_vr,
                         HAS_ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-                        BLOCK_R: tl.constexpr, ATOMIC: tl.constexpr, PRECISION: tl.constexpr):
-    """v[rows of tile] += x[rows, k-chunk] @ w[slot, k-chunk, :]   (one split of K per program)."""
+                        BLOCK_R: tl.constexpr, OUT_MODE: tl.constexpr, SPLIT_CHUNK: tl.constexpr,
+                        PRECISION: tl.constexpr, LAUNCH_DEPENDENTS: tl.constexpr):
+    """Partial product of one split of K: ``x[rows of tile, k-chunk] @ w[slot, k-chunk, :]``.
+
+    OUT_MODE 0: stored into the fp32 workspace ``v[split, row, :]`` (two-stage reduction: the expand
+    kernel sums the splits; no zero-fill, no atomics); 1: added into ``v[row, :]`` with fp32 atomics;
+    2: ``v[row, :] += partial`` (a single split); 3: stored into the workspace, then the *last* split
+    of the tile to finish (a per-tile arrival counter, reset by that program) sums every split into
+    ``v[0, row, :]`` — nobody waits, so uneven segments cannot deadlock (punica-ai/punica PR #35)."""
+    if LAUNCH_DEPENDENTS:  # let the expand kernel's programs start (and prefetch B) while this one runs
+        tl.extra.cuda.gdc_launch_dependents()
     tile = tl.program_id(0)
     split = tl.program_id(1)
+    # the three table entries are independent loads (one memory round trip, not three)
     start = tl.load(table_ptr + n_rows + tile)
     end = tl.load(table_ptr + n_rows + capacity + tile)
+    slot = tl.load(table_ptr + n_rows + 2 * capacity + tile).to(tl.int64)
     if end > start:
-        slot = tl.load(table_ptr + n_rows + 2 * capacity + tile).to(tl.int64)
         pos = start + tl.arange(0, BLOCK_M)
         m_mask = pos < end
         if HAS_ROWS:
@@ -234,26 +254,50 @@ def _sgmv_shrink_kernel(x_ptr, w_ptr, v_ptr, table_ptr, n_rows, capacity, K, R, 
             wt = tl.load(w_ptr + slot * stride_ws + offs_k[:, None] * stride_wk + offs_r[None, :] * stride_wr,
                          mask=k_mask[:, None] & r_mask[None, :], other=0.0)            # [BLOCK_K, BLOCK_R]
             acc = tl.dot(xt, wt, acc, input_precision=PRECISION)
-        out = v_ptr + rows[:, None] * stride_vm + offs_r[None, :] * stride_vr
         mask = m_mask[:, None] & r_mask[None, :]
-        if not ATOMIC:
-            tl.store(out, tl.load(out, mask=mask, other=0.0) + acc, mask=mask)
+        if OUT_MODE == 0:
+            tl.store(v_ptr + split * stride_vs + rows[:, None] * stride_vm + offs_r[None, :] * stride_vr, acc,
+                     mask=mask)
+        elif OUT_MODE == 3:
+            vrow = v_ptr + rows[:, None] * stride_vm + offs_r[None, :] * stride_vr
+            tl.store(vrow + split * stride_vs, acc, mask=mask)
+            tl.debug_barrier()  # every thread's partial is written before the (releasing) arrival
+            n_splits = tl.num_programs(1)
+            if tl.atomic_add(count_ptr + tile, 1, sem="acq_rel") == n_splits - 1:
+                offs_s = tl.arange(0, SPLIT_CHUNK)
+                total = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
+                for s0 in range(0, n_splits, SPLIT_CHUNK):
+                    sp = s0 + offs_s
+                    part = tl.load(vrow[None, :, :] + sp[:, None, None] * stride_vs,
+                                   mask=mask[None, :, :] & (sp < n_splits)[:, None, None], other=0.0,
+                                   cache_modifier=".cg")                     # L2, not a stale L1 line
+                    total += tl.sum(part, axis=0)
+                tl.store(vrow, total, mask=mask)
+                tl.store(count_ptr + tile, 0)
+        elif OUT_MODE == 1:
+            tl.atomic_add(v_ptr + rows[:, None] * stride_vm + offs_r[None, :] * stride_vr, acc, mask=mask)
         else:
-            tl.atomic_add(out, acc, mask=mask)
+            out = v_ptr + rows[:, None] * stride_vm + offs_r[None, :] * stride_vr
+            tl.store(out, tl.load(out, mask=mask, other=0.0) + acc, mask=mask)
 
 
-@triton.jit(do_not_specialize=["n_rows", "capacity"])
-def _sgmv_expand_kernel(v_ptr, w_ptr, y_ptr, scale_ptr, table_ptr, n_rows, capacity, N, R,
-                        stride_vm, stride_vr, stride_ws, stride_wr, stride_wn, stride_ym, stride_yn,
+@triton.jit(do_not_specialize=["n_rows", "capacity", "n_splits"])
+def _sgmv_expand_kernel(v_ptr, w_ptr, y_ptr, scale_ptr, table_ptr, n_rows, capacity, N, R, n_splits,
+                        stride_vs, stride_vm, stride_vr, stride_ws, stride_wr, stride_wn, stride_ym, stride_yn,
                         HAS_ROWS: tl.constexpr, HAS_SCALE: tl.constexpr, BLOCK_M: tl.constexpr,
-                        BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
-    """y[rows of tile, n-tile] += scale[slot] * v[rows, :] @ w[slot, :, n-tile]   (fp32 accumulation)."""
+                        BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_CHUNK: tl.constexpr,
+                        PRECISION: tl.constexpr, WAIT_PRIOR: tl.constexpr):
+    """y[rows of tile, n-tile] += scale[slot] * (sum_s v[s, rows, :]) @ w[slot, :, n-tile]   (fp32 accumulation).
+
+    ``v`` is ``n_splits`` fp32 partial products (the shrink's workspace; 1 split = a plain ``v``).
+    The weight tile and ``y`` do not depend on the shrink, so they are loaded first; with WAIT_PRIOR
+    (programmatic dependent launch) only the read of ``v`` waits for the shrink kernel to finish."""
     tile = tl.program_id(0)
     nb = tl.program_id(1)
     start = tl.load(table_ptr + n_rows + tile)
     end = tl.load(table_ptr + n_rows + capacity + tile)
+    slot = tl.load(table_ptr + n_rows + 2 * capacity + tile).to(tl.int64)
     if end > start:
-        slot = tl.load(table_ptr + n_rows + 2 * capacity + tile).to(tl.int64)
         pos = start + tl.arange(0, BLOCK_M)
         m_mask = pos < end
         if HAS_ROWS:
@@ -264,16 +308,28 @@ def _sgmv_expand_kernel(v_ptr, w_ptr, y_ptr, scale_ptr, table_ptr, n_rows, capac
         r_mask = offs_r < R
         offs_n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
         n_mask = offs_n < N
-        vt = tl.load(v_ptr + rows[:, None] * stride_vm + offs_r[None, :] * stride_vr,
-                     mask=m_mask[:, None] & r_mask[None, :], other=0.0)                   # [BLOCK_M, BLOCK_R] fp32
         wt = tl.load(w_ptr + slot * stride_ws + offs_r[:, None] * stride_wr + offs_n[None, :] * stride_wn,
                      mask=r_mask[:, None] & n_mask[None, :], other=0.0).to(tl.float32)   # [BLOCK_R, BLOCK_N]
-        acc = tl.dot(vt, wt, input_precision=PRECISION)
-        if HAS_SCALE:
-            acc = acc * tl.load(scale_ptr + slot)
         out = y_ptr + rows[:, None] * stride_ym + offs_n[None, :] * stride_yn
         mask = m_mask[:, None] & n_mask[None, :]
         yv = tl.load(out, mask=mask, other=0.0)
+        if HAS_SCALE:
+            s = tl.load(scale_ptr + slot)
+        if WAIT_PRIOR:
+            tl.extra.cuda.gdc_wait()
+        # sum the split partials, SPLIT_CHUNK of them per (3-D) load
+        offs_s = tl.arange(0, SPLIT_CHUNK)
+        vmask = m_mask[None, :, None] & r_mask[None, None, :]
+        vptr = v_ptr + rows[None, :, None] * stride_vm + offs_r[None, None, :] * stride_vr
+        vt = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
+        for s0 in range(0, n_splits, SPLIT_CHUNK):
+            sp = s0 + offs_s
+            part = tl.load(vptr + sp[:, None, None] * stride_vs, mask=vmask & (sp < n_splits)[:, None, None],
+                           other=0.0)                                                   # [CHUNK, BLOCK_M, BLOCK_R]
+            vt += tl.sum(part, axis=0)
+        acc = tl.dot(vt, wt, input_precision=PRECISION)
+        if HAS_SCALE:
+            acc = acc * s
         tl.store(out, (yv.to(tl.float32) + acc).to(yv.dtype), mask=mask)
 
 
@@ -365,42 +421,185 @@ def _check_pool(w: torch.Tensor, name: str) -> None:
 # ------------------------------------------------------------------------------------------------
 # SGMV
 # ------------------------------------------------------------------------------------------------
-def sgmv_shrink(v: torch.Tensor, x: torch.Tensor, w: torch.Tensor, seg: Segments, *, split_k: int | None = None,
-                block_k: int | None = None) -> torch.Tensor:
-    """``v[seg rows] += x[seg rows] @ w[slot]``: v ``[N, R]`` fp32, x ``[N, K]``, w ``[n_slots, K, R]`` (R <= 128)."""
+@dataclass(frozen=True)
+class SGMVConfig:
+    """Launch configuration of the LoRA SGMV pair (shrink, then expand).
+
+    The shrink's split-K count follows from ``programs_per_sm``: K is split until
+    ``tiles x splits ~ programs_per_sm x SMs`` (at most ``max_split``, at least one ``block_k`` per
+    split), so a batch of 1 still spreads its adapter read over the GPU and a batch of 64 distinct
+    adapters gets fewer, longer splits."""
+
+    programs_per_sm: float = 4.0  # shrink: target tiles x splits per SM
+    block_k: int = 64             # shrink: K step per loop iteration
+    block_n: int = 128            # expand: output columns per program
+    reduce: str = "workspace"     # splits of K: "workspace" (stored, summed by the expand), "serial" (the last split
+    #                               of a tile sums them), "atomic" (fp32 atomics into a zeroed v)
+    pdl: bool = False             # programmatic dependent launch of the expand (Hopper+): its B / y loads overlap the shrink
+    num_warps: int = 4
+    max_split: int = 64
+
+    def as_dict(self) -> dict:
+        return dict(vars(self))
+
+
+# (K, N, R) -> [(tile-table capacity, config)] measured by the benchmark (``set_sgmv_configs``);
+# ``sgmv_config`` picks the entry of the nearest capacity (log scale), else a heuristic default.
+_SGMV_CONFIGS: dict[tuple[int, int, int], list[tuple[int, SGMVConfig]]] = {}
+
+
+def set_sgmv_configs(table: dict | None) -> None:
+    """Install tuned launch configs ``{(K, N, R): [(capacity, SGMVConfig | dict), ...]}`` (None: clear)."""
+    _SGMV_CONFIGS.clear()
+    for key, entries in (table or {}).items():
+        _SGMV_CONFIGS[tuple(int(k) for k in key)] = sorted(
+            (int(c), cfg if isinstance(cfg, SGMVConfig) else SGMVConfig(**cfg)) for c, cfg in entries)
+
+
+def sgmv_configs() -> dict:
+    """A copy of the installed table ``{(K, N, R): [(capacity, SGMVConfig), ...]}``."""
+    return {k: list(v) for k, v in _SGMV_CONFIGS.items()}
+
+
+def _default_sgmv_config(R: int) -> SGMVConfig:
+    if INTERPRET:  # every program runs in Python: few, large programs
+        return SGMVConfig(programs_per_sm=1, block_k=256, block_n=256)
+    return SGMVConfig(block_k=64 if R <= 32 else 32, block_n=128)
+
+
+def sgmv_config(K: int, N: int, R: int, capacity: int) -> SGMVConfig:
+    """The launch config for a LoRA pair ``[K -> R -> N]`` over a tile table of ``capacity`` tiles."""
+    entries = _SGMV_CONFIGS.get((K, N, R))
+    if not entries:  # another projection of the same rank: the nearest tuned shape
+        near = [k for k in _SGMV_CONFIGS if k[2] == R]
+        if not near:
+            return _default_sgmv_config(R)
+        entries = _SGMV_CONFIGS[min(near, key=lambda k: abs(math.log2(k[0] * k[1]) - math.log2(max(1, K * N))))]
+    return min(entries, key=lambda e: abs(math.log2(max(1, e[0])) - math.log2(max(1, capacity))))[1]
+
+
+def _pdl_ok(device: torch.device) -> bool:
+    return (not INTERPRET and device.type == "cuda"
+            and torch.cuda.get_device_capability(device)[0] >= 9)
+
+
+def _n_sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+
+
+def _split_chunk(block_m: int, block_r: int, n_splits: int) -> int:
+    """Split partials summed per load in the expand: a [chunk, BLOCK_M, BLOCK_R] fp32 tile of <= 4096
+    elements (1 for a plain v; otherwise fixed per tile shape, so the split count is not compiled in)."""
+    return 1 if n_splits == 1 else max(1, 4096 // (block_m * block_r))
+
+
+def _shrink_split(K: int, R: int, block_m: int, capacity: int, device, cfg: SGMVConfig,
+                  split_k: int | None) -> tuple[int, int, int]:
+    """(block_k, n_splits, k_per_split) for the shrink of one launch."""
+    block_k = min(_pow2(K, 16), cfg.block_k)
+    k_blocks = triton.cdiv(K, block_k)
+    if split_k is None:
+        split_k = math.ceil(cfg.programs_per_sm * _n_sms(device) / max(1, capacity))
+        split_k = min(split_k, cfg.max_split)
+        if cfg.reduce != "atomic":  # partials are summed in at most 4 chunks
+            split_k = min(split_k, 4 * _split_chunk(block_m, _pow2(R, 16), 2))
+    split_k = max(1, min(int(split_k), k_blocks))
+    per = triton.cdiv(k_blocks, split_k) * block_k
+    return block_k, triton.cdiv(K, per), per
+
+
+def _check_shrink(v_shape, x: torch.Tensor, w: torch.Tensor, seg: Segments, name="sgmv_shrink") -> None:
     _check_pool(w, "w")
     N, K = x.shape
     R = w.shape[2]
-    if w.shape[1] != K or v.shape != (N, R) or seg.n_rows != N:
-        raise ValueError(f"sgmv_shrink: x {tuple(x.shape)}, w {tuple(w.shape)}, v {tuple(v.shape)}, "
+    if w.shape[1] != K or tuple(v_shape) != (N, R) or seg.n_rows != N:
+        raise ValueError(f"{name}: x {tuple(x.shape)}, w {tuple(w.shape)}, v {tuple(v_shape)}, "
                          f"segments of {seg.n_rows} rows do not agree")
-    if v.dtype != torch.float32:
-        raise ValueError("sgmv_shrink accumulates into an fp32 v")
     if w.dtype != x.dtype:
         raise ValueError(f"x is {x.dtype} but the weights are {w.dtype}")
     if R > 128:
         raise ValueError(f"shrink output width {R} > 128: use sgmv_expand-style tiling")
-    if seg.n_tiles == 0 and seg.capacity == 0:
-        return v
-    block_k = block_k or (256 if INTERPRET else 64 if R <= 32 else 32 if R <= 64 else 16)
-    block_k = min(_pow2(K, 16), block_k)
-    split, per = _split_k(K, block_k, seg.capacity, x.device, split_k)
-    grid = (seg.capacity, split)
+
+
+_COUNTERS: dict = {}
+
+
+def _arrival_counters(device: torch.device, n: int) -> torch.Tensor | None:
+    """Zeroed int32 per-tile arrival counters (kept zero by the kernel that uses them), or None when
+    a larger buffer would have to be allocated during CUDA-graph capture."""
+    key = (device.type, device.index)
+    buf = _COUNTERS.get(key)
+    if buf is None or buf.numel() < n:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None
+        buf = _COUNTERS[key] = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
+    return buf
+
+
+def _launch_shrink(v, x, w, seg, block_k, n_splits, per, out_mode, launch_dependents=False, num_warps=4,
+                   counters=None):
+    K, R = w.shape[1], w.shape[2]
+    stride_vs = v.stride(0) if v.dim() == 3 else 0
+    vm, vr = (v.stride(1), v.stride(2)) if v.dim() == 3 else (v.stride(0), v.stride(1))
+    kw = {"num_warps": num_warps} if not INTERPRET else {}
     with _launch():
-        _sgmv_shrink_kernel[grid](x, w, v, seg.table, seg.n_rows, seg.capacity, K, R, per,
-                                  x.stride(0), x.stride(1), w.stride(0), w.stride(1), w.stride(2), v.stride(0), v.stride(1),
-                                  HAS_ROWS=seg.has_rows, BLOCK_M=seg.block_m, BLOCK_K=block_k, BLOCK_R=_pow2(R, 16),
-                                  ATOMIC=split > 1, PRECISION=_precision(x.dtype))
+        _sgmv_shrink_kernel[(seg.capacity, n_splits)](
+            x, w, v, seg.table, counters if counters is not None else seg.table, seg.n_rows, seg.capacity, K, R, per,
+            x.stride(0), x.stride(1), w.stride(0), w.stride(1), w.stride(2), stride_vs, vm, vr,
+            HAS_ROWS=seg.has_rows, BLOCK_M=seg.block_m, BLOCK_K=block_k, BLOCK_R=_pow2(R, 16),
+            OUT_MODE=out_mode, SPLIT_CHUNK=_split_chunk(seg.block_m, _pow2(R, 16), n_splits),
+            PRECISION=_precision(x.dtype), LAUNCH_DEPENDENTS=launch_dependents, **kw)
+
+
+def _launch_expand(y, v, w, seg, scale, block_n, wait_prior=False, num_warps=4):
+    R, H = w.shape[1], w.shape[2]
+    n_splits = v.shape[0] if v.dim() == 3 else 1
+    stride_vs = v.stride(0) if v.dim() == 3 else 0
+    vm, vr = (v.stride(1), v.stride(2)) if v.dim() == 3 else (v.stride(0), v.stride(1))
+    block_n = min(_pow2(H, 16), block_n)
+    block_r = _pow2(R, 16)
+    has_scale = scale is not None
+    kw = {"num_warps": num_warps} if not INTERPRET else {}
+    if wait_prior:
+        kw["launch_pdl"] = True
+    with _launch():
+        _sgmv_expand_kernel[(seg.capacity, triton.cdiv(H, block_n))](
+            v, w, y, scale if has_scale else v, seg.table, seg.n_rows, seg.capacity, H, R, n_splits,
+            stride_vs, vm, vr, w.stride(0), w.stride(1), w.stride(2), y.stride(0), y.stride(1),
+            HAS_ROWS=seg.has_rows, HAS_SCALE=has_scale, BLOCK_M=seg.block_m, BLOCK_R=block_r, BLOCK_N=block_n,
+            SPLIT_CHUNK=_split_chunk(seg.block_m, block_r, n_splits), PRECISION=_precision(y.dtype),
+            WAIT_PRIOR=wait_prior, **kw)
+
+
+def sgmv_shrink(v: torch.Tensor, x: torch.Tensor, w: torch.Tensor, seg: Segments, *, split_k: int | None = None,
+                block_k: int | None = None) -> torch.Tensor:
+    """``v[seg rows] += x[seg rows] @ w[slot]``: v ``[N, R]`` fp32, x ``[N, K]``, w ``[n_slots, K, R]`` (R <= 128).
+
+    Splits of K are added into ``v`` with fp32 atomics (every program adds exactly once, so uneven
+    segments cannot stall a reduction). :func:`lora_sgmv` instead keeps the splits apart and lets
+    the expand kernel sum them."""
+    _check_shrink(v.shape, x, w, seg)
+    if v.dtype != torch.float32:
+        raise ValueError("sgmv_shrink accumulates into an fp32 v")
+    if seg.capacity == 0:
+        return v
+    cfg = _default_sgmv_config(w.shape[2])
+    if block_k is not None:
+        cfg = SGMVConfig(**{**cfg.as_dict(), "block_k": block_k})
+    bk, n_splits, per = _shrink_split(x.shape[1], w.shape[2], seg.block_m, seg.capacity, x.device, cfg, split_k)
+    _launch_shrink(v, x, w, seg, bk, n_splits, per, out_mode=1 if n_splits > 1 else 2)
     return v
 
 
 def sgmv_expand(y: torch.Tensor, v: torch.Tensor, w: torch.Tensor, seg: Segments, scale: torch.Tensor | None = None,
                 *, block_n: int | None = None) -> torch.Tensor:
-    """``y[seg rows] += scale[slot] * v[seg rows] @ w[slot]``: y ``[N, H]``, v ``[N, R]`` fp32, w ``[n_slots, R, H]``."""
+    """``y[seg rows] += scale[slot] * v[seg rows] @ w[slot]``: y ``[N, H]``, v ``[N, R]`` fp32, w ``[n_slots, R, H]``.
+
+    ``v`` may also be ``[splits, N, R]`` fp32 partial sums (added up by the kernel)."""
     _check_pool(w, "w")
-    N, R = v.shape
+    N, R = v.shape[-2:]
     H = w.shape[2]
-    if w.shape[1] != R or y.shape != (N, H) or seg.n_rows != N:
+    if w.shape[1] != R or y.shape != (N, H) or seg.n_rows != N or v.dim() not in (2, 3):
         raise ValueError(f"sgmv_expand: v {tuple(v.shape)}, w {tuple(w.shape)}, y {tuple(y.shape)}, "
                          f"segments of {seg.n_rows} rows do not agree")
     if v.dtype != torch.float32:
@@ -409,15 +608,7 @@ def sgmv_expand(y: torch.Tensor, v: torch.Tensor, w: torch.Tensor, seg: Segments
         raise ValueError(f"expand input width {R} > 128 is not supported")
     if seg.capacity == 0:
         return y
-    block_n = block_n or (256 if INTERPRET else 128)
-    block_n = min(_pow2(H, 16), block_n)
-    grid = (seg.capacity, triton.cdiv(H, block_n))
-    has_scale = scale is not None
-    with _launch():
-        _sgmv_expand_kernel[grid](v, w, y, scale if has_scale else v, seg.table, seg.n_rows, seg.capacity, H, R,
-                                  v.stride(0), v.stride(1), w.stride(0), w.stride(1), w.stride(2), y.stride(0), y.stride(1),
-                                  HAS_ROWS=seg.has_rows, HAS_SCALE=has_scale, BLOCK_M=seg.block_m,
-                                  BLOCK_R=_pow2(R, 16), BLOCK_N=block_n, PRECISION=_precision(y.dtype))
+    _launch_expand(y, v, w, seg, scale, block_n or _default_sgmv_config(R).block_n)
     return y
 
 
@@ -433,13 +624,39 @@ def sgmv(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, seg: Segments, scale
 
 
 def lora_sgmv(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: torch.Tensor | None, seg: Segments,
-              y: torch.Tensor | None = None, *, split_k: int | None = None, block_n: int | None = None) -> torch.Tensor:
-    """``y += scale * (x @ A[slot]) @ B[slot]`` per segment (y: zeros of x's dtype when None)."""
-    v = torch.zeros(x.shape[0], A.shape[2], dtype=torch.float32, device=x.device)
-    sgmv_shrink(v, x, A, seg, split_k=split_k)
+              y: torch.Tensor | None = None, *, split_k: int | None = None, block_n: int | None = None,
+              config: SGMVConfig | None = None) -> torch.Tensor:
+    """``y += scale * (x @ A[slot]) @ B[slot]`` per segment (y: zeros of x's dtype when None).
+
+    Two launches: the split-K shrink writes each split's fp32 partial ``x @ A[slot]`` to a
+    workspace ``[splits, N, r]`` (no zero-fill, no atomics), the expand sums the splits and adds
+    ``scale * v @ B[slot]`` to ``y``. ``config`` (default: :func:`sgmv_config`, the benchmark's
+    tuned table when installed) sets split-K, tiles, the reduction and programmatic dependent launch;
+    ``split_k`` / ``block_n`` override it."""
+    _check_shrink((x.shape[0], A.shape[2]), x, A, seg, name="lora_sgmv")
+    N, K = x.shape
+    R, H = A.shape[2], B.shape[2]
     if y is None:
-        y = torch.zeros(x.shape[0], B.shape[2], dtype=x.dtype, device=x.device)
-    return sgmv_expand(y, v, B, seg, scale, block_n=block_n)
+        y = torch.zeros(N, H, dtype=x.dtype, device=x.device)
+    if seg.capacity == 0:
+        return y
+    cfg = config or sgmv_config(K, H, R, seg.capacity)
+    bk, n_splits, per = _shrink_split(K, R, seg.block_m, seg.capacity, x.device, cfg, split_k)
+    pdl = cfg.pdl and _pdl_ok(x.device)
+    counters = _arrival_counters(x.device, seg.capacity) if cfg.reduce == "serial" and n_splits > 1 else None
+    if cfg.reduce == "atomic" and n_splits > 1:
+        v = torch.zeros(N, R, dtype=torch.float32, device=x.device)
+        _launch_shrink(v, x, A, seg, bk, n_splits, per, out_mode=1, launch_dependents=pdl, num_warps=cfg.num_warps)
+    elif counters is not None:
+        ws = torch.empty(n_splits, N, R, dtype=torch.float32, device=x.device)
+        _launch_shrink(ws, x, A, seg, bk, n_splits, per, out_mode=3, launch_dependents=pdl, num_warps=cfg.num_warps,
+                       counters=counters)
+        v = ws[0]
+    else:
+        v = torch.empty(n_splits, N, R, dtype=torch.float32, device=x.device)
+        _launch_shrink(v, x, A, seg, bk, n_splits, per, out_mode=0, launch_dependents=pdl, num_warps=cfg.num_warps)
+    _launch_expand(y, v, B, seg, scale, block_n or cfg.block_n, wait_prior=pdl, num_warps=cfg.num_warps)
+    return y
 
 
 # ------------------------------------------------------------------------------------------------
