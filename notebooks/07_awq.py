@@ -15,8 +15,9 @@
 #   mlsys24:
 #     headline: 'Paper: Llama-2-7B WikiText-2 PPL FP16 5.47 -> AWQ INT4-g128 5.60, >3x
 #       decode speed-up. Ours (tiny Llama, CPython bytes): AWQ beats RTN at INT3 and
-#       INT4 (see the headline cell); our Triton W4A16 kernel is slower than cuBLAS
-#       fp16 on an H200 at 7B shapes (0.66-0.74x at M=1)'
+#       INT4 (see the headline cell); our Triton W4A16 GEMV beats cuBLAS fp16 at M=1
+#       on an H200 (1.27-1.56x, not 3x) and batch-1 decode of a 7B-shaped model by
+#       1.20x (TinyChat 2.6-2.7x)'
 #     paper: '07'
 #     slug: awq
 #     status: partial
@@ -507,48 +508,62 @@ if INT4_KEY is not None:
           f"(FP32 model: {4 * model.num_parameters / 1e6:.1f} MB), reload identical: {CKPT_SAME}")
 
 # %% [markdown]
-# ## 8. The W4A16 kernel: reference check, back-of-envelope, GPU numbers
+# ## 8. The W4A16 kernels: reference check, back-of-envelope, GPU numbers
 #
-# `w4a16_gemm` reads packed int4 tiles, dequantizes them in registers (the "magic number" trick: the fp16
-# bit pattern 0x6400|q *is* 1024+q, so no int→float instruction), multiplies on tensor cores (or CUDA
-# cores for the GEMV variant) with fp32 accumulation, and splits K across programs for small M. First the
-# check against the float32 reference on this model's own packed weights (interpreter on CPU: K=256,
-# N=128, G=64).
+# Two Triton kernels share the packed weights. `w4a16_gemm` reads the AWQ layout directly (tensor cores,
+# for many rows). `w4a16_gemv` is the decode kernel (M = 1..8): like TinyChat, it runs on a copy of the
+# integers repacked once at load time (`gemv_repack`: K-major rows, one output channel's weights
+# contiguous; nibbles i and i+4 of a word hold two adjacent input channels), splits K across programs and
+# combines the partial sums inside the same launch (the last program of a tile, by an atomic ticket, adds
+# them: no zero-fill kernel, no second pass). Its inner loop never converts int→float: in fp32, nibble i
+# moved to bits 19..22 and OR-ed with the bits of 1.0 *is* 1 + q/16; for fp16 activations on a GPU, one
+# LOP3 turns two nibbles into the fp16 pair (1024 + q, 1024 + q'), and fp16x2 subtract/FMA finish
+# (q − z)·x (inline PTX). First the check against the float32 reference on this model's own packed weights
+# (interpreter on CPU: K=256, N=128, G=64; the fp32 loop).
 
 # %%
 if RUN_KERNEL_CHECK:
-    from mlsys24.quant.pack import awq_pack
-    from mlsys24.quant.w4a16 import W4A16Config, w4a16_gemm, w4a16_ref
+    from mlsys24.quant.pack import awq_pack, gemv_repack
+    from mlsys24.quant.w4a16 import GemvConfig, W4A16Config, w4a16_gemm, w4a16_gemv, w4a16_ref
 
     dev = "cuda" if GPU else "cpu"
     w_k = named_linears(model)["layers.0.self_attn.q_proj"].weight.detach()[:128].float()   # [N=128, K=256]
     pk = {k: v.to(dev) for k, v in awq_pack(w_k, 4, 64).items()}
+    pt = gemv_repack(pk["qweight"], pk["qzeros"], pk["scales"], 128)                       # K-major copy
     KERNEL_ERR = {}
-    for M in (1, 16):
+    for M in (1, 4, 16):
         for dtype in (torch.float16, torch.float32):
             x_k = model.embed_tokens(calib[0, :M]).detach().to(dtype).to(dev)     # [M, 256] real activations
             ref = w4a16_ref(x_k, pk["qweight"], pk["qzeros"], pk["scales"], 128)
-            y = w4a16_gemm(x_k, pk["qweight"], pk["qzeros"], pk["scales"], 128,
-                           config=W4A16Config(block_m=16, block_n=128, block_k=64, split_k=2, num_stages=2))
+            if M == 16:
+                y = w4a16_gemm(x_k, pk["qweight"], pk["qzeros"], pk["scales"], 128,
+                               config=W4A16Config(block_m=16, block_n=128, block_k=64, split_k=2, num_stages=2))
+            else:
+                y = w4a16_gemv(x_k, **pt, config=GemvConfig(block_n=64, unroll=1, split_k=2))
             KERNEL_ERR[(M, str(dtype))] = float((y.float() - ref).abs().max())
-    print("max |kernel - reference|:", {f"M={m} {d.removeprefix('torch.')}": f"{e:.1e}" for (m, d), e in KERNEL_ERR.items()})
+    print("max |kernel - reference| (M=1, 4: GEMV; M=16: tensor-core GEMM):",
+          {f"M={m} {d.removeprefix('torch.')}": f"{e:.1e}" for (m, d), e in KERNEL_ERR.items()})
 
 # %% [markdown]
-# **Back-of-envelope.** A decode-time matmul (M = 1..16 rows) reads each weight once and does 2 FLOPs per
-# weight per row: ~1-16 FLOP/byte at fp16, far below an H100/H200's ridge point (~200-300 FLOP/byte), so
-# time ≈ bytes / bandwidth. INT4 with a G=128 group (fp16 step + 4-bit zero) stores 4 + 20/128 = 4.16 bits
-# per weight: the ideal speed-up over fp16 is 16 / 4.16 = **3.85x**, at any M while the kernel stays
-# memory-bound — *if* the dequantization (shifts, masks, a subtract and a multiply per weight) fits under
-# the memory time. Llama-2-7B's gate/up layer (11008 x 4096): 90.2 MB in fp16 (~21 µs at 4.2 TB/s) vs
-# 23.4 MB in W4A16 (~5.6 µs).
+# **Back-of-envelope.** A decode-time matmul (M = 1..8 rows) reads each weight once and does 2 FLOPs per
+# weight per row: ~1-8 FLOP/byte at fp16, far below an H100/H200's ridge point (~200-300 FLOP/byte), so
+# time ≈ bytes / bandwidth. The GEMV layout stores 4 bits + an fp16 step and an 8-bit zero per group of 128:
+# 4.19 bits per weight, an ideal **3.82x** over fp16 — *if* unpacking fits under the memory time. That is
+# the catch: at 4.2 TB/s an H200 streams the 45 M weights of 11008 x 4096 in ~5.6 µs, while its 132 SMs
+# issue ~1 T warp-instructions/s (32 T thread-instructions/s): ~4 instructions per weight at most before
+# the kernel becomes issue-bound instead of memory-bound. Offline SASS (ptxas for sm_90, main loop of a
+# 64-row tile): the fp32 loop costs ~7.5 instructions per weight, the fp16x2 loop ~2.8. A second fixed
+# cost is the harness floor: one tiny kernel replayed from a CUDA graph already measures several µs
+# (printed below when the results have it), which bounds single-call speed-ups at 7B shapes; back-to-back
+# calls in one graph (the decode situation) do not pay it per call.
 
 # %%
 from mlsys24.bench import gpu_results
-from mlsys24.quant.w4a16 import weight_bytes
+from mlsys24.quant.bench import gemv_bytes
 
 for (name, (N, K)) in {"qkvo": (4096, 4096), "gate_up": (11008, 4096), "down": (4096, 11008),
                        "mlp_70b": (28672, 8192)}.items():
-    fp16, w4 = 2 * N * K, weight_bytes(N, K, 128)
+    fp16, w4 = 2 * N * K, gemv_bytes(N, K, 128)
     print(f"{name:8s} [{N} x {K}]: fp16 {fp16 / 1e6:6.1f} MB, W4A16 {w4 / 1e6:6.1f} MB -> ideal {fp16 / w4:.2f}x")
 
 # live (quick plan) on a GPU, else the committed results of `python -m mlsys24.bench awq`
@@ -559,6 +574,7 @@ else:
     print(GPU_RES.caption())
 
 # %%
+SPEEDUP_M1, CHAIN_M1, PCT_COPY_M1, DECODE, CROSSOVER = {}, {}, {}, None, {}
 if GPU_RES is not None:
     recs = [r for r in GPU_RES.records if r.get("provider") in ("w4a16", "cublas_fp16") and "median_us" in r]
     shapes = [s for s in ("qkvo", "gate_up", "down") if any(r["shape"] == s for r in recs)]
@@ -567,54 +583,85 @@ if GPU_RES is not None:
         for s in shapes], shared_yaxes=True)
     for i, s in enumerate(shapes, 1):
         for prov, label, col in (("cublas_fp16", "cuBLAS fp16 (torch F.linear)", viz.color("cublas")),
-                                 ("w4a16", "ours: Triton W4A16 (tuned)", viz.color("awq"))):
-            pts = sorted((r["M"], r["median_us"]) for r in recs if r["shape"] == s and r["provider"] == prov)
+                                 ("w4a16", "ours: best W4A16 kernel (GEMV or tensor-core)", viz.color("awq"))):
+            pts = sorted((r["M"], r["median_us"], r.get("kernel", "")) for r in recs
+                         if r["shape"] == s and r["provider"] == prov)
             fig.add_scatter(x=[p[0] for p in pts], y=[p[1] for p in pts], mode="lines+markers", name=label,
-                            line_color=col, showlegend=i == 1, row=1, col=i)
+                            text=[p[2] for p in pts], line_color=col, showlegend=i == 1, row=1, col=i)
         fig.update_xaxes(type="log", title_text="M (rows = batch)", row=1, col=i)
     viz.apply_template(fig, title="W4A16 vs fp16 matmul latency, Llama-2-7B shapes", width=980, height=460)
     fig.update_layout(legend=dict(y=1.16))
     fig.update_yaxes(title_text="median latency (µs)", type="log", row=1, col=1)
-    viz.caption(fig, GPU_RES.caption() + "<br>CUDA graphs, L2 flushed before each call, G=128, fp16 activations; "
-                "ours: the best of the tuned tiles x split-K for each point.")
+    viz.caption(fig, GPU_RES.caption() + "<br>One call per CUDA-graph replay, L2 flushed before each call, G=128, "
+                "fp16 activations; ours: the best validated configuration of the sweep at each point.")
     viz.save(fig, SLUG, "kernel_latency")
     fig.show()
 
-    m1 = [r for r in recs if r["M"] == 1 and r["provider"] == "w4a16"]
-    print(f"{'shape':8s} {'cuBLAS µs':>10} {'W4A16 µs':>9} {'speed-up':>9} {'W4A16 weight GB/s':>18} {'% of copy':>10}")
-    SPEEDUP_M1 = {}
-    for r in m1:
-        cb = next(c for c in recs if c["shape"] == r["shape"] and c["M"] == 1 and c["provider"] == "cublas_fp16")
-        SPEEDUP_M1[r["shape"]] = cb["median_us"] / r["median_us"]
-        print(f"{r['shape']:8s} {cb['median_us']:10.1f} {r['median_us']:9.1f} {SPEEDUP_M1[r['shape']]:8.2f}x "
-              f"{r['weight_GBps']:18.0f} {r.get('pct_copy_bw', float('nan')):9.0f}%")
-    # where the time goes: a straight-line fit of the M=1 latency against the packed bytes
-    xs_b = np.array([r["weight_bytes"] / 1e6 for r in m1])
-    ys_t = np.array([r["median_us"] for r in m1])
-    slope, icpt = np.polyfit(xs_b, ys_t, 1)
-    print(f"M=1 fit: latency ≈ {icpt:.1f} µs + bytes / {1e-3 / slope * 1e3:.2f} TB/s  (copy: "
-          f"{next(r['GBps'] for r in GPU_RES.records if r.get('op') == 'copy') / 1e3:.2f} TB/s)")
-    cand = {}
+    def _rec(shape, M, prov):
+        return next((r for r in GPU_RES.records if r.get("shape") == shape and r.get("M") == M
+                     and r.get("provider") == prov and "median_us" in r), None)
+
+    floor = next((r["median_us"] for r in GPU_RES.records if r.get("op") == "graph_floor"), None)
+    copy_bw = next(r["GBps"] for r in GPU_RES.records if r.get("op") == "copy")
+    print(f"copy bandwidth {copy_bw:.0f} GB/s; graph floor (1-element kernel): "
+          f"{'not in this file' if floor is None else f'{floor:.1f} µs'}")
+    print(f"{'shape':8s} {'cuBLAS µs':>10} {'W4A16 µs':>9} {'speed-up':>9} {'weights GB/s':>13} {'% copy':>7} "
+          f"{'eager x':>8} {'chained x':>10}  kernel / config")
+    for s in shapes + ["mlp_70b"]:
+        r, cb = _rec(s, 1, "w4a16"), _rec(s, 1, "cublas_fp16")
+        if r is None or cb is None:
+            continue
+        SPEEDUP_M1[s] = cb["median_us"] / r["median_us"]
+        PCT_COPY_M1[s] = 100 * r["weight_GBps"] / copy_bw
+        e, e_cb = _rec(s, 1, "w4a16_eager"), _rec(s, 1, "cublas_fp16_eager")
+        c, c_cb = _rec(s, 1, "w4a16_chain"), _rec(s, 1, "cublas_fp16_chain")
+        if c and c_cb:
+            CHAIN_M1[s] = c_cb["median_us"] / c["median_us"]
+        cfg = r.get("config", {})
+        print(f"{s:8s} {cb['median_us']:10.1f} {r['median_us']:9.1f} {SPEEDUP_M1[s]:8.2f}x {r['weight_GBps']:13.0f} "
+              f"{PCT_COPY_M1[s]:6.0f}% {(e_cb['median_us'] / e['median_us']) if e and e_cb else float('nan'):7.2f}x "
+              f"{CHAIN_M1.get(s, float('nan')):9.2f}x  {r.get('kernel', '?')} "
+              f"BN={cfg.get('block_n')} split={cfg.get('split_k')} half2={cfg.get('half2', False)}")
     for r in GPU_RES.records:
-        if r.get("provider") == "w4a16" and r.get("M") == 1:
-            for c in r.get("candidates", []):
-                if "median_us" in c:
-                    k = "magic-number dequant" if c["config"]["dequant"] == 2 else "int→float convert"
-                    cand.setdefault(r["shape"], {}).setdefault(k, []).append(c["median_us"])
-    for s, d in cand.items():
-        print(f"  {s}: best " + ", ".join(f"{k} {min(v):.1f} µs" for k, v in d.items()))
+        if r.get("op") == "crossover":
+            CROSSOVER = {k: v for k, v in r["crossover_M"].items() if k in shapes}
+        if r.get("op") == "decode" and "speedup" in r:
+            DECODE = r
+    print("crossover (smallest measured M where cuBLAS fp16 beats our best kernel):", CROSSOVER)
+    if DECODE is not None:
+        lin_us = sum(n * _rec(s, 1, "cublas_fp16")["median_us"] for s, n in (("qkvo", 4), ("gate_up", 2), ("down", 1))
+                     if _rec(s, 1, "cublas_fp16"))
+        print(f"decode, {DECODE['model']}, {DECODE['n_layers']} layers, batch 1, context {DECODE['context']}, "
+              f"CUDA graphs: fp16 {DECODE['fp16_ms']:.2f} ms ({DECODE['fp16_tok_s']:.0f} tok/s), W4A16 "
+              f"{DECODE['w4a16_ms']:.2f} ms ({DECODE['w4a16_tok_s']:.0f} tok/s): {DECODE['speedup']:.2f}x")
+        print(f"  the step's fp16 linears alone (sum of single-call times x {DECODE['n_layers']} layers): "
+              f"~{lin_us * DECODE['n_layers'] / 1e3:.2f} ms; the rest of the fp16 step (attention, norms, RoPE, lm_head, "
+              f"gaps) ~{DECODE['fp16_ms'] - lin_us * DECODE['n_layers'] / 1e3:.2f} ms, which W4A16 does not shrink")
+        fig2 = viz.paper_vs_ours(["A6000 (paper)", "RTX 4090 (paper)", "Jetson Orin (paper)",
+                                  f"{GPU_RES.device} (ours)"],
+                                 [None, None, None, DECODE["speedup"]], [2.61, 2.68, 2.70, None],
+                                 title="Batch-1 decode speed-up of W4A16 over fp16 (tokens/s ratio)",
+                                 y="speed-up over fp16 (x)", paper_label="TinyChat, Llama-2-7B (paper)",
+                                 ours_label="ours: random-weight Llama-2-7B shape, CUDA graphs")
+        viz.caption(fig2, GPU_RES.caption() + f"<br>Ours: {DECODE['n_layers']} layers, all 7 projections per layer "
+                    "W4A16 (G=128), embeddings/norms/attention/lm_head fp16, one decode step at a 512-token context "
+                    "replayed from a CUDA graph. Paper: TinyChat README per-token latency, real Llama-2-7B.")
+        viz.save(fig2, SLUG, "decode_speedup")
+        fig2.show()
 
 # %% [markdown]
-# **Takeaway (honest).** The committed run (device, versions and command in the caption) shows our Triton
-# W4A16 kernel **correct** at every 7B/70B shape (relative error ≤ 2e-3 against the float32 reference,
-# asserted below) but **not faster than cuBLAS fp16** at the Llama-2-7B shapes, and only modestly faster on
-# the 70B-sized layer: far from the 3.85x byte ratio and from TinyChat's 2.6-2.7x end-to-end (speed-ups
-# printed above). The straight-line fit says where the time goes: a large fixed cost per call plus a
-# streaming rate well below the copy rate. Split-K helps (the un-split kernel is several times slower) and
-# the magic-number dequantization beats int→float conversion, but a program moves only a few GB/s. Likely
-# causes, not yet measured: the per-step loads of the scales and zeros (plain loads, not pipelined with the
-# weight tiles, so each K step waits a memory latency) and the eight-fold unrolled loop body. The paper's
-# speed claim is therefore **not reproduced** by this kernel; the accuracy side is (sections 4-6, 9).
+# **Takeaway (honest).** The committed run (device, versions, command in the captions) measured the GEMV
+# with its **fp32 inner loop** (the fp16x2 loop was written afterwards; it compiles for sm_90 and the
+# benchmark sweeps it, validating every configuration against the reference before timing it, but it has
+# no GPU numbers yet). That kernel is **correct** at every shape and **faster than cuBLAS fp16 at batch 1**
+# (table above), but far from the paper's >3x: it is issue-bound (offline SASS of that version: ~6.5
+# instructions per weight against a budget of ~4), and at 7B shapes a single timed call also carries a
+# fixed cost that cuBLAS pays too. The 70B-sized layer streams its packed weights at well under the 60 %
+# of copy bandwidth targeted. End to end, batch-1 decode of the 7B-shaped model gains far less than
+# TinyChat's 2.6-2.7x: the printout shows the non-matmul part of our decode step (unfused attention over a
+# gathered paged cache, norms, RoPE, the fp16 lm_head) comparable to the fp16 linears, and W4A16 does not
+# touch it — TinyChat fuses those kernels too. From M = 2 on, cuBLAS fp16 wins against both of our
+# kernels (crossover printed above); the tensor-core kernel is slower than cuBLAS at every M measured.
 #
 # ## 9. MiniLM: a real pretrained encoder under AWQ vs RTN
 #
@@ -700,18 +747,33 @@ if MINILM is not None:                                        # 6. MiniLM: AWQ c
     assert MINILM["awq"] >= MINILM["rtn"]
 if INT4_KEY is not None:                                      # 7. real int4 = fake quant (up to fp16 steps); checkpoint
     assert REAL_VS_FAKE < 5e-3 and CKPT_SAME
-if RUN_KERNEL_CHECK:                                          # 7b. kernel == dequantize + matmul
+if RUN_KERNEL_CHECK:                                          # 7b. kernels == dequantize + matmul
     assert all(e <= (1e-3 if "float32" in d else 2e-2) for (m, d), e in KERNEL_ERR.items()), KERNEL_ERR
-if GPU_RES is not None:                                       # 8. GPU: what this run can honestly assert
+if GPU_RES is not None:                                       # 8. GPU claims, from the run named here
     w4 = [r for r in GPU_RES.records if r.get("provider") == "w4a16" and "median_us" in r]
-    assert all(r["rel_err"] <= 2e-3 for r in w4)              #    correct at 7B/70B shapes
+    errs = [c["rel_err"] for r in w4 for c in r.get("candidates", []) if "median_us" in c]
+    assert errs and max(errs) <= 3e-3                         #    every timed configuration was correct (fp16)
     print("GPU (from " + GPU_RES.caption() + "):")
-    print("  paper claim 'W4A16 >= 3x cuBLAS fp16 at M=1' NOT reproduced: speed-ups "
-          + ", ".join(f"{k} {v:.2f}x" for k, v in SPEEDUP_M1.items()))
-    for shape in sorted({r["shape"] for r in w4}):
-        faster = [r["M"] for r in sorted(w4, key=lambda r: r["M"]) if r["shape"] == shape
-                  and r.get("speedup_vs_cublas", 0) > 1]
-        print(f"  {shape}: W4A16 faster than fp16 at M = {faster or 'none measured'}")
+    # what the run shows: at batch 1 the W4A16 GEMV beats cuBLAS fp16 on every measured shape
+    assert SPEEDUP_M1 and all(v > 1.0 for v in SPEEDUP_M1.values()), SPEEDUP_M1
+    m1 = {k: v for k, v in SPEEDUP_M1.items() if k in ("gate_up", "down")}
+    if m1 and min(m1.values()) >= 3.0:
+        print("  reproduced: W4A16 >= 3x cuBLAS fp16 at M=1 on 11008x4096 and 4096x11008")
+    else:
+        print("  NOT REPRODUCED: W4A16 >= 3x cuBLAS fp16 at M=1 on the 7B MLP shapes; measured "
+              + ", ".join(f"{k} {v:.2f}x" for k, v in m1.items())
+              + (" (back-to-back in one graph: " + ", ".join(f"{k} {CHAIN_M1[k]:.2f}x" for k in m1 if k in CHAIN_M1)
+                 + ")" if CHAIN_M1 else ""))
+    if "mlp_70b" in PCT_COPY_M1:
+        pct = PCT_COPY_M1["mlp_70b"]
+        print(f"  {'reproduced' if pct >= 60 else 'NOT REPRODUCED'}: 28672x8192 layer reads its packed weights at "
+              f">= 60% of copy bandwidth; measured {pct:.0f}%")
+    if DECODE is not None:
+        print(f"  {'reproduced' if DECODE['speedup'] >= 2.0 else 'NOT REPRODUCED'}: batch-1 decode >= 2x fp16 "
+              f"tokens/s (TinyChat 2.6-2.7x); measured {DECODE['speedup']:.2f}x ({DECODE['n_layers']} layers, "
+              "CUDA graphs)")
+        assert DECODE["speedup"] > 1.0                        #    and it does make decoding faster
+    print(f"  crossover M (cuBLAS fp16 wins from): {CROSSOVER}")
 else:
     print("GPU claims skipped: run `PYTHONPATH=lib python3 -m mlsys24.bench awq` on a GPU machine")
 print(f"notebook ran in {time.time() - T_START:.0f} s")
@@ -787,6 +849,9 @@ if INTERACTIVE:
 #    s against s_X (Explore) — is it close to "1 % scaled, 99 % untouched"?
 # 3. Folding into a post-LN LayerNorm is not exact (MiniLM). Prove it, then measure the cost of the
 #    explicit input scale we use instead.
-# 4. Our kernel's fixed cost per call and low streaming rate (the fit in section 8): design a measurement
-#    that separates the scale/zero load latency from instruction fetch. What would you change first (hint: load a whole group's scales once
-#    per group, pipelined with the weights)?
+# 4. The GEMV is issue-bound, not memory-bound (section 8). Count the SASS instructions per weight of
+#    both inner loops (`triton.compile(..., target=GPUTarget("cuda", 90, 32))`, then `nvdisasm`), then
+#    measure both on a GPU: does the time follow the instruction count, and where does the fp16x2 loop
+#    stop gaining (hint: bytes in flight per SM)?
+# 5. Our decode step spends as long outside the linears as inside them. Which kernels are those, and
+#    how much would `DecodeGraphs(..., compile=True)` (torch.compile fusion inside the graph) recover?

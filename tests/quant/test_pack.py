@@ -9,6 +9,9 @@ from mlsys24.quant.pack import (
     awq_pack,
     awq_unpack,
     dequantize_awq,
+    dequantize_gemv,
+    gemv_repack,
+    gemv_unpack,
     pack_int4,
     unpack_int4,
 )
@@ -65,3 +68,40 @@ def test_awq_layout_shapes_and_values(N, K, G):
     assert (w_hat - ref).abs().max().item() <= 1.01 * step
     assert ((w_hat - ref).abs() < 1e-3).float().mean().item() > 0.95
     assert (w_hat - w).abs().max().item() <= 0.51 * step + 1e-3
+
+
+@pytest.mark.parametrize("N,K,G", [(64, 128, 64), (83, 127, 64), (7, 256, 128), (130, 130, 32), (5, 16, 16)])
+def test_gemv_repack_round_trip(N, K, G):
+    # AWQ layout -> K-major GEMV layout: the same integers, steps and zero points, only moved
+    g = torch.Generator().manual_seed(N * K)
+    p = awq_pack(torch.randn(N, K, generator=g), 4, G)
+    t = gemv_repack(p["qweight"], p["qzeros"], p["scales"], N)
+    Kp = -(-K // G) * G
+    assert t["qweight_t"].shape == (N, Kp // 8) and t["qweight_t"].dtype == torch.int32
+    assert t["scales_t"].shape == t["zeros_t"].shape == (N, Kp // G) and t["zeros_t"].dtype == torch.uint8
+    q, zero, delta = awq_unpack(p["qweight"], p["qzeros"], p["scales"])
+    assert torch.equal(gemv_unpack(t["qweight_t"], G), q[:N])
+    assert torch.equal(t["zeros_t"].float(), zero[:N]) and torch.equal(t["scales_t"].float(), delta[:N])
+    assert torch.equal(dequantize_gemv(**t, in_features=K), dequantize_awq(p["qweight"], p["qzeros"], p["scales"], N, K))
+
+
+def test_gemv_nibble_layout():
+    # nibble i of word c (group of G = 16, W = 2 words) holds channel (i % 4) * 2W + 2c + i // 4
+    G, W = 16, 2
+    q = (torch.arange(G) % 16).to(torch.uint8)[None]             # channel k holds value k
+    t = gemv_repack(*(awq_pack_from_ints(q, G)), 1)
+    words = [int(w) & 0xFFFFFFFF for w in t["qweight_t"][0]]
+    for c, word in enumerate(words):
+        for i in range(8):
+            assert (word >> (4 * i)) & 0xF == (i % 4) * 2 * W + 2 * c + i // 4
+
+
+def awq_pack_from_ints(q: torch.Tensor, G: int):
+    """AWQ tensors holding the integers ``q [N, K]`` with zero point 0 and step 1."""
+    N, K = q.shape
+    Np = -(-N // 8) * 8
+    qp = torch.zeros(Np, K, dtype=torch.uint8)
+    qp[:N] = q
+    qweight = pack_int4(qp.t().contiguous(), "awq")
+    qzeros = pack_int4(torch.zeros(K // G, Np, dtype=torch.uint8), "awq")
+    return qweight, qzeros, torch.ones(K // G, Np, dtype=torch.float16)

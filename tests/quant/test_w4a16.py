@@ -6,8 +6,18 @@ On CPU this runs under TRITON_INTERPRET=1 (tests/conftest.py): dims <= 130, few 
 import pytest
 import torch
 
-from mlsys24.quant.pack import awq_pack
-from mlsys24.quant.w4a16 import W4A16Config, default_config, w4a16_gemm, w4a16_ref, weight_bytes
+from mlsys24.quant.pack import awq_pack, gemv_repack
+from mlsys24.quant.w4a16 import (
+    GemvConfig,
+    W4A16Config,
+    default_config,
+    default_gemv_config,
+    w4a16_gemm,
+    w4a16_gemv,
+    w4a16_gemv_ref,
+    w4a16_ref,
+    weight_bytes,
+)
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 # relative to max |ref|: fp16 rounds the dequantized weight and the output (2^-11), bf16 (2^-8);
@@ -92,3 +102,78 @@ def test_bad_config_rejected():
         w4a16_gemm(x, p["qweight"], p["qzeros"], p["scales"], 64, config=W4A16Config(block_k=48))
     with pytest.raises(ValueError, match="use_dot"):
         w4a16_gemm(x, p["qweight"], p["qzeros"], p["scales"], 64, config=W4A16Config(block_m=16, block_n=64))
+
+
+# --- GEMV on the K-major layout (decode: M = 1 .. 8, more rows in blocks of 8) -------------------------
+
+def _gemv_case(M, N, K, G, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(N, K, generator=g)
+    p = awq_pack(w, 4, G)
+    t = {k: v.to(DEV) for k, v in gemv_repack(p["qweight"], p["qzeros"], p["scales"], N).items()}
+    x = torch.randn(M, K, generator=g).to(dtype).to(DEV)
+    return x, {k: v.to(DEV) for k, v in p.items()}, t
+
+
+# the GEMV layout holds the same integers, steps and zero points as the AWQ layout: both references
+# agree exactly, the kernel differs by the sums' order and the output rounding (fp16 2^-11, bf16 2^-8)
+GEMV_TOL = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2, torch.float32: 2e-5}
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("M,N,K,G,cfg", [
+    (1, 128, 256, 64, GemvConfig(block_n=64, unroll=2, split_k=2)),
+    (1, 83, 127, 32, GemvConfig(block_n=32, unroll=1, split_k=3)),     # K, N not multiples of anything
+    (2, 7, 130, 128, GemvConfig(block_n=32, unroll=2, split_k=1)),
+    (5, 130, 128, 128, GemvConfig(block_n=64, unroll=1, split_k=1)),
+    (8, 40, 256, 64, GemvConfig(block_n=32, unroll=1, split_k=4)),
+    (11, 24, 64, 32, GemvConfig(block_n=32, unroll=2, split_k=2)),      # M > 8: two row blocks
+])
+def test_gemv_matches_references(dtype, M, N, K, G, cfg):
+    x, p, t = _gemv_case(M, N, K, G, dtype)
+    y = w4a16_gemv(x, **t, config=cfg)
+    assert y.shape == (M, N) and y.dtype == dtype
+    ref = w4a16_ref(x, p["qweight"], p["qzeros"], p["scales"], N)
+    assert torch.allclose(w4a16_gemv_ref(x, **t), ref, rtol=1e-5, atol=1e-4)
+    err = ((y.float() - ref).abs().max() / ref.abs().max().clamp_min(1.0)).item()
+    assert err <= GEMV_TOL[dtype], f"relative error {err:.3g}"
+
+
+def test_gemv_split_k_tickets_reset_and_noncontiguous_input():
+    # the split-K fix-up leaves its tickets at 0, so back-to-back launches (and CUDA-graph replays) agree
+    x, p, t = _gemv_case(1, 64, 256, 64, torch.float16, seed=5)
+    cfg = GemvConfig(block_n=32, unroll=1, split_k=4)
+    y1 = w4a16_gemv(x, **t, config=cfg)
+    y2 = w4a16_gemv(x, **t, config=cfg)
+    assert torch.equal(y1, y2)
+    from mlsys24.quant.w4a16 import _GEMV_WORKSPACE
+
+    cnt, _ = _GEMV_WORKSPACE[(x.device.type, x.device.index)]
+    assert int(cnt.abs().sum()) == 0
+    wide = torch.randn(3, 512, generator=torch.Generator().manual_seed(6)).half().to(DEV)
+    xs = wide[:, ::2]                                            # [3, 256], stride 2
+    ys = w4a16_gemv(xs, **t, config=cfg)
+    assert torch.allclose(ys.float(), w4a16_gemv_ref(xs, **t), atol=2e-3 * w4a16_gemv_ref(xs, **t).abs().max().item())
+    bias = torch.randn(64).to(DEV)
+    assert torch.allclose(w4a16_gemv(x, **t, config=cfg, bias=bias).float(), y1.float() + bias, atol=5e-2)  # fp16 output rounding
+
+
+def test_default_gemv_config_fills_the_gpu():
+    for N, K in ((4096, 4096), (11008, 4096), (4096, 11008), (28672, 8192)):
+        c = default_gemv_config(1, N, K, 128)
+        programs = -(-N // c.block_n) * c.split_k
+        assert programs >= 4 * 132 or -(-K // 128) // c.split_k < 8, (N, K, c)
+    with pytest.raises(ValueError, match="power of two"):
+        x, _, t = _gemv_case(1, 8, 96, 96, torch.float32)
+        w4a16_gemv(x, **t)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the fp16x2 loop is inline PTX: GPU only")
+@pytest.mark.parametrize("M,N,K,G", [(1, 4096, 4096, 128), (1, 83, 130, 64), (3, 130, 256, 32), (8, 64, 512, 128)])
+@pytest.mark.parametrize("split_k", [1, 4])
+def test_gemv_half2_matches_reference(M, N, K, G, split_k):
+    x, p, t = _gemv_case(M, N, K, G, torch.float16, seed=7)
+    y = w4a16_gemv(x, **t, config=GemvConfig(block_n=64, unroll=2, split_k=split_k, half2=True))
+    ref = w4a16_ref(x, p["qweight"], p["qzeros"], p["scales"], N)
+    err = ((y.float() - ref).abs().max() / ref.abs().max().clamp_min(1.0)).item()
+    assert err <= 3e-3, f"relative error {err:.3g}"   # fp16 partial sums of 8 products, then fp32

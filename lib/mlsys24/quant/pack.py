@@ -20,7 +20,18 @@ AWQ layout of one ``Linear(in=K, out=N)`` with group size G (``awq_pack``)::
 
 (Newer llm-awq/TinyChat releases use a different, kernel-specific interleave with fp16
 ``scaled_zeros``; this module implements the GEMM layout that AutoAWQ/vLLM/transformers load.)
-Values wider than 4 bits are rejected; 2/3-bit integers are stored in nibbles unchanged.
+
+GEMV layout (``gemv_repack``, made once at load time from the AWQ tensors, like TinyChat's offline
+repacking for its batch-1 kernel): K-major rows, so one output channel's weights are contiguous::
+
+    qweight_t int32 [N, Kp/8]    row n: the Kp/G groups of W = G/8 words each
+    scales_t  fp16  [N, Kp/G]    step s of each (output channel, group)
+    zeros_t   uint8 [N, Kp/G]    zero point z:  w = (q - z) * s
+
+Inside a group, nibble ``i`` of word ``c`` holds input channel ``g*G + (i % 4)*2W + 2c + i // 4``:
+nibbles i and i+4 (the low and high half of ``(word >> 4i) & 0x000F000F``, one LOP3 away from a
+pair of fp16 numbers) hold two *adjacent* channels, so they meet one aligned fp16 pair of x, and the
+pairs of a nibble position over the W words are contiguous in x (vector loads, no gather).
 """
 
 from __future__ import annotations
@@ -30,7 +41,7 @@ import torch
 from .quantizer import pad_cols, quantize
 
 __all__ = ["AWQ_ORDER", "AWQ_REVERSE_ORDER", "pack_int4", "unpack_int4", "awq_pack", "awq_unpack",
-           "dequantize_awq"]
+           "dequantize_awq", "gemv_repack", "gemv_unpack", "dequantize_gemv"]
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)          # nibble i holds value 8c + AWQ_ORDER[i]
 AWQ_REVERSE_ORDER = (0, 4, 1, 5, 2, 6, 3, 7)  # value 8c + j sits in nibble AWQ_REVERSE_ORDER[j]
@@ -110,3 +121,46 @@ def dequantize_awq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Te
     G = Kp // zero.shape[1]
     w = ((q.float().reshape(Np, -1, G) - zero[..., None]) * delta[..., None]).reshape(Np, Kp)
     return w[: out_features or Np, : in_features or Kp]
+
+
+def gemv_repack(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
+                out_features: int | None = None) -> dict[str, torch.Tensor]:
+    """AWQ-layout tensors -> the GEMV layout ``{"qweight_t", "scales_t", "zeros_t"}`` (module docstring).
+
+    The integers are moved, not requantized. Rows past ``out_features`` (the AWQ layout's padding
+    of N to a multiple of 8) are dropped.
+    """
+    q, zero, delta = awq_unpack(qweight, qzeros, scales)          # [Np, Kp] uint8, [Np, Kp/G] x2
+    N = out_features or q.shape[0]
+    Kp = q.shape[1]
+    G = Kp // zero.shape[1]
+    if G % 8:
+        raise ValueError(f"group size {G} must be a multiple of 8")
+    W = G // 8
+    # channel p*2W + 2c + h of a group -> word c, nibble p + 4h
+    q = q[:N].reshape(N, Kp // G, 4, W, 2).permute(0, 1, 3, 4, 2).reshape(N, Kp)
+    return {
+        "qweight_t": pack_int4(q.contiguous(), "linear"),            # [N, Kp/8]
+        "scales_t": delta[:N].to(scales.dtype).contiguous(),         # [N, Kp/G]
+        "zeros_t": zero[:N].to(torch.uint8).contiguous(),            # [N, Kp/G]
+    }
+
+
+def gemv_unpack(qweight_t: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Inverse of :func:`gemv_repack`'s integer permutation: ``q [N, Kp]`` uint8 in channel order."""
+    N, KW = qweight_t.shape
+    W = group_size // 8
+    q = unpack_int4(qweight_t, "linear").reshape(N, KW * 8 // group_size, W, 2, 4)
+    return q.permute(0, 1, 4, 2, 3).reshape(N, KW * 8).contiguous()
+
+
+def dequantize_gemv(qweight_t: torch.Tensor, scales_t: torch.Tensor, zeros_t: torch.Tensor,
+                    in_features: int | None = None) -> torch.Tensor:
+    """The float32 weight ``[N, K]`` a GEMV-layout triple stands for: ``w = (q - z) * s``."""
+    N, KW = qweight_t.shape
+    Kp = KW * 8
+    n_groups = scales_t.shape[1]
+    G = Kp // n_groups
+    q = gemv_unpack(qweight_t, G).reshape(N, n_groups, G)
+    w = (q.float() - zeros_t.float()[..., None]) * scales_t.float()[..., None]
+    return w.reshape(N, Kp)[:, : in_features or Kp]

@@ -2,9 +2,11 @@
 
 ``QuantLinear.from_linear(linear, bits, group_size)`` round-to-nearest quantizes the (already
 AWQ-scaled and clipped, if any) weight and packs it (:func:`mlsys24.quant.pack.awq_pack`). Its
-forward runs the Triton W4A16 kernel on CUDA (or anywhere with ``use_kernel=True``, e.g. under
-``TRITON_INTERPRET=1``); otherwise it dequantizes to the activation dtype once and caches it
-(CPU evaluation of a quantized model).
+forward runs the Triton W4A16 kernels on CUDA (or anywhere with ``use_kernel=True``, e.g. under
+``TRITON_INTERPRET=1``): up to ``gemv_max_m`` rows (decode) the GEMV on a K-major copy of the
+integers made once on first use (:func:`mlsys24.quant.pack.gemv_repack`, not part of the state
+dict), more rows the tensor-core GEMM on the AWQ layout. Elsewhere it dequantizes to the
+activation dtype once and caches it (CPU evaluation of a quantized model).
 
 Checkpoint layout (:func:`save_awq_checkpoint`), the tensors an AutoAWQ/transformers "awq" GEMM
 checkpoint holds for each quantized linear ``<name>``::
@@ -24,7 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .pack import awq_pack, dequantize_awq
+from .pack import awq_pack, dequantize_awq, gemv_repack
 
 __all__ = ["QuantLinear", "quantize_linears", "save_awq_checkpoint", "load_awq_checkpoint", "QUANT_CONFIG"]
 
@@ -48,8 +50,11 @@ class QuantLinear(nn.Module):
         self.register_buffer("scales", torch.zeros(kp // group_size, np_, dtype=torch.float16, device=device))
         self.register_buffer("bias", torch.zeros(out_features, device=device) if bias else None)
         self.use_kernel: bool | None = None   # None: kernel on CUDA, cached dequantization elsewhere
-        self.config = None                    # optional W4A16Config for the kernel
+        self.config = None                    # optional W4A16Config for the tensor-core kernel
+        self.gemv_config = None               # optional GemvConfig for the small-M kernel
+        self.gemv_max_m = 8                   # rows up to which the GEMV runs (0: never)
         self._dequant_cache: tuple | None = None
+        self._gemv: dict | None = None
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, bits: int = 4, group_size: int = 128) -> QuantLinear:
@@ -69,13 +74,22 @@ class QuantLinear(nn.Module):
 
     def _load_from_state_dict(self, *args, **kwargs):
         self._dequant_cache = None
+        self._gemv = None
         return super()._load_from_state_dict(*args, **kwargs)
+
+    def gemv_weights(self) -> dict:
+        """The GEMV layout of the packed weight (``qweight_t, scales_t, zeros_t``), made once."""
+        if self._gemv is None or self._gemv["qweight_t"].device != self.qweight.device:
+            self._gemv = gemv_repack(self.qweight, self.qzeros, self.scales, self.out_features)
+        return self._gemv
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         use_kernel = x.is_cuda if self.use_kernel is None else self.use_kernel
         if use_kernel:
-            from .w4a16 import w4a16_gemm
+            from .w4a16 import w4a16_gemm, w4a16_gemv
 
+            if x.numel() // max(1, x.shape[-1]) <= self.gemv_max_m:
+                return w4a16_gemv(x, **self.gemv_weights(), bias=self.bias, config=self.gemv_config)
             return w4a16_gemm(x, self.qweight, self.qzeros, self.scales, self.out_features, bias=self.bias,
                               config=self.config)
         key = (x.dtype, x.device, self.qweight.data_ptr())

@@ -31,8 +31,11 @@ so ``w = (h(q) - h(z)) * s`` needs only integer logic and two half-precision ops
 ``0x4B000000 | q`` = ``2^23 + q`` in fp32). Offline SASS of the tensor-core loop (sm_90): ~4.4
 instructions per weight for a 16x256x64 tile with 4 warps and dequant 2; ~22 for a 16x128x64 tile with
 4 warps and dequant 0 (int->float conversions, and the 4 warps repeat each other's work on a 128-wide
-tile). Measured on an H200 (``data/results/awq``), this kernel is still slower than cuBLAS fp16 at
-Llama-7B shapes: see the notebook 07_awq for the numbers and the suspected causes.
+tile). Measured on an H200 (``data/results/awq``), this kernel is slower than cuBLAS fp16 at Llama-7B
+shapes for every M measured; decode-sized M goes to ``w4a16_gemv`` below instead.
+
+``w4a16_gemv`` (M = 1..8, decode) runs on the K-major layout of :func:`mlsys24.quant.pack.gemv_repack`
+with split-K combined inside the launch; see the comment block above it.
 
 ``w4a16_ref`` is the float32 dequantize-then-matmul reference.
 """
@@ -52,7 +55,8 @@ if os.environ.get("TRITON_INTERPRET") == "1":
 import triton
 import triton.language as tl
 
-__all__ = ["W4A16Config", "w4a16_gemm", "w4a16_ref", "default_config", "weight_bytes"]
+__all__ = ["W4A16Config", "w4a16_gemm", "w4a16_ref", "default_config", "weight_bytes", "GemvConfig",
+           "default_gemv_config", "w4a16_gemv", "w4a16_gemv_ref"]
 
 
 def w4a16_ref(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
@@ -289,3 +293,307 @@ def w4a16_gemm(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, sca
     if bias is not None:
         y = y + bias.to(y.dtype)
     return y.reshape(*lead, N)
+
+
+# ------------------------------------------------------------------------------------------------
+# Small-M GEMV on the K-major layout of :func:`mlsys24.quant.pack.gemv_repack`
+#
+#   y[m, n] = sum_g s[n,g] * sum_{c<W} sum_i (q_i - z[n,g]) x_i,   W = G/8 words per group,
+#   q_i = nibble i of word (n, g*W + c),  x_i = x[m, g*G + (i % 4)*2W + 2c + i // 4].
+#
+# Two inner loops, both without int -> float conversion instructions:
+# - half2 (fp16 activations on a GPU): one LOP3 ``(w & 0x000F000F) | 0x64006400`` turns nibbles 0
+#   and 4 into the fp16 pair (1024 + q_0, 1024 + q_4); one HSUB2 with (1024 + z, 1024 + z) gives
+#   q - z exactly; their products with the matching x pair (adjacent channels, one 32-bit load) are
+#   summed in fp16x2 over the word's 8 weights (4 HFMA2) and once in fp32; the group's scale is
+#   applied per word: ~2.8 instructions per weight in the compiled main loop (offline SASS, sm_90;
+#   PTX inline assembly, so GPU only; ``GemvConfig.half2``). The fp16 products and their partial sum
+#   over 8 weights round to 2^-11 relative; the sum over words is fp32.
+# - fp32 (otherwise: bf16/fp32 activations, the Triton interpreter, half2 off): moving nibble i to
+#   bits 19..22 and OR-ing
+#   in the exponent of 1.0 gives the float f_i = 1 + q_i/16 exactly, so
+#   sum_i q_i x_i = 16 * (sum_i f_i x_i - sum_i x_i): per weight a shift, two logic ops and an FMA.
+
+_HALF2_WORD = tl.constexpr("""
+{
+.reg .b32 t0, t1, t2, t3, sh, acc, r16;
+.reg .f16 lo, hi;
+.reg .f32 flo, fhi;
+mov.b32 r16, 0x2C002C00;
+lop3.b32 t0, $1, 0x000F000F, 0x64006400, 0xEA;
+lop3.b32 t1, $1, 0x00F000F0, 0x64006400, 0xEA;
+shr.u32 sh, $1, 8;
+lop3.b32 t2, sh, 0x000F000F, 0x64006400, 0xEA;
+lop3.b32 t3, sh, 0x00F000F0, 0x64006400, 0xEA;
+sub.f16x2 t0, t0, $2;
+fma.rn.f16x2 t1, t1, r16, $3;
+sub.f16x2 t2, t2, $2;
+fma.rn.f16x2 t3, t3, r16, $3;
+mul.rn.f16x2 acc, t0, $4;
+fma.rn.f16x2 acc, t1, $5, acc;
+fma.rn.f16x2 acc, t2, $6, acc;
+fma.rn.f16x2 acc, t3, $7, acc;
+mov.b32 {lo, hi}, acc;
+cvt.f32.f16 flo, lo;
+cvt.f32.f16 fhi, hi;
+add.f32 $0, flo, fhi;
+}
+""")
+# $1: the word; $2: fp16 pair (1024 + z); $3: fp16 pair -(64 + z); $4..$7: x pairs of nibbles (p, p + 4).
+# Nibbles 1, 5 (3, 7 after the shift by 8) land 4 bits up: the LOP3 gives 1024 + 16 q, and
+# (1024 + 16 q) / 16 - (64 + z) = q - z exactly (one HFMA2, no second shift).
+
+
+@dataclass(frozen=True)
+class GemvConfig:
+    block_n: int = 64       # output channels (rows of qweight_t) per program
+    unroll: int = 2         # groups per loop step (their loads are issued together)
+    split_k: int = 0        # programs sharing one row tile's K range (0: choose from the SM count)
+    num_warps: int = 4
+    num_stages: int = 1
+    half2: bool = False     # fp16 x on a GPU: the fp16x2 inline-assembly inner loop (else the fp32 one);
+    #                         off by default until a GPU run of ``mlsys24.bench awq`` has validated and timed it
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def default_gemv_config(M: int, N: int, K: int, group_size: int, *, sms: int = 132) -> GemvConfig:
+    """Row tiles of 64 channels, then split-K doubled until >= 4 programs per SM (each program
+    keeping >= 4 groups); the H200 sweep (``data/results/awq``) put these near the best."""
+    bn = 64
+    n_groups = -(-K // group_size)
+    tiles = -(-N // bn)
+    split = 1
+    while tiles * split < 4 * sms and n_groups // (split * 2) >= 4 and split < 32:
+        split *= 2
+    return GemvConfig(block_n=bn, unroll=2, split_k=split, num_warps=4, num_stages=1)
+
+
+@triton.jit
+def _gemv_group(acc, qw_ptr, s_ptr, z_ptr, x_ptr, g, g_end, offs_n, n_mask, offs_c, offs_m, m_mask, K,
+                stride_qn, stride_sn, stride_zn, stride_xm, G: tl.constexpr, W: tl.constexpr, MB: tl.constexpr,
+                BLOCK_N: tl.constexpr, HALF2: tl.constexpr, EVEN_K: tl.constexpr):
+    # One group g of BLOCK_N rows: qw [BN, W] int32; s, z [BN]; x slices [W] (MB == 1) or [MB, W].
+    live = g < g_end
+    qw = tl.load(qw_ptr + offs_n[:, None] * stride_qn + (g * W + offs_c)[None, :],
+                 mask=n_mask[:, None] & live, other=0)
+    s = tl.load(s_ptr + offs_n * stride_sn + g, mask=n_mask & live, other=0.0).to(tl.float32)      # [BN]
+    z = tl.load(z_ptr + offs_n * stride_zn + g, mask=n_mask & live, other=0).to(tl.int32)          # [BN]
+    if HALF2:
+        # x as fp16 pairs (int32): pair p*W + c of the group = channels p*2W + 2c, p*2W + 2c + 1
+        xi_ptr = x_ptr.to(tl.pointer_type(tl.int32))
+        kp = g * (G // 2) + offs_c                                                 # [W] pair index
+        if EVEN_K:   # K a multiple of G: only whole groups, vector loads
+            x0 = tl.load(xi_ptr + kp, mask=live, other=0)
+            x1 = tl.load(xi_ptr + kp + W, mask=live, other=0)
+            x2 = tl.load(xi_ptr + kp + 2 * W, mask=live, other=0)
+            x3 = tl.load(xi_ptr + kp + 3 * W, mask=live, other=0)
+        else:
+            x0 = tl.load(xi_ptr + kp, mask=(2 * kp < K) & live, other=0)
+            x1 = tl.load(xi_ptr + kp + W, mask=(2 * (kp + W) < K) & live, other=0)
+            x2 = tl.load(xi_ptr + kp + 2 * W, mask=(2 * (kp + 2 * W) < K) & live, other=0)
+            x3 = tl.load(xi_ptr + kp + 3 * W, mask=(2 * (kp + 3 * W) < K) & live, other=0)
+        zz = z | 0x6400                                                            # fp16 bits of 1024 + z
+        zz = zz | (zz << 16)
+        zn = (z << 4) + 0xD400                                                     # fp16 bits of -(64 + z)
+        zn = zn | (zn << 16)
+        p = tl.inline_asm_elementwise(_HALF2_WORD, "=f,r,r,r,r,r,r,r",
+                                      [qw, zz[:, None], zn[:, None], x0[None, :], x1[None, :], x2[None, :],
+                                       x3[None, :]],
+                                      dtype=tl.float32, is_pure=True, pack=1)      # [BN, W] sum (q - z) x
+        acc += s[:, None] * p
+    else:
+        s16 = 16.0 * s
+        zsm = -(z.to(tl.float32) + 16.0) * s                                      # -z s - 16 s
+        if MB == 1:
+            p = tl.zeros((BLOCK_N, W), dtype=tl.float32)
+            xc = tl.zeros((W,), dtype=tl.float32)
+        else:
+            p = tl.zeros((MB, BLOCK_N, W), dtype=tl.float32)
+            xc = tl.zeros((MB, W), dtype=tl.float32)
+        h = tl.arange(0, 2)
+        for pp in tl.static_range(4):
+            k = g * G + pp * 2 * W + 2 * offs_c[:, None] + h[None, :]               # [W, 2] channels
+            if MB == 1:
+                xe, xo = tl.split(tl.load(x_ptr + k, mask=(k < K) & live, other=0.0).to(tl.float32))
+            else:
+                k3 = k[None, :, :]
+                xe, xo = tl.split(tl.load(x_ptr + offs_m[:, None, None] * stride_xm + k3,
+                                          mask=m_mask[:, None, None] & (k3 < K) & live, other=0.0).to(tl.float32))
+            for hh in tl.static_range(2):
+                i = pp + 4 * hh                                                    # nibble i
+                if 4 * i < 19:
+                    t = qw << (19 - 4 * i)
+                else:
+                    t = qw >> (4 * i - 19)
+                f = ((t & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True)      # 1 + q_i / 16
+                xi = xe if hh == 0 else xo
+                if MB == 1:
+                    p += f * xi[None, :]
+                else:
+                    p += f[None, :, :] * xi[:, None, :]
+                xc += xi
+        # sum_i (q_i - z) s x_i = 16 s (p - xc) - z s xc = s16 p + (-z s - 16 s) xc
+        if MB == 1:
+            acc += s16[:, None] * p + zsm[:, None] * xc[None, :]
+        else:
+            acc += s16[None, :, None] * p + zsm[None, :, None] * xc[:, None, :]
+    return acc
+
+
+@triton.jit(do_not_specialize=["M", "n_groups", "groups_per_split", "SPLIT", "stride_sn", "stride_zn"])
+def _w4a16_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, part_ptr, cnt_ptr, M, N, K, n_groups, groups_per_split,
+                       SPLIT, stride_xm, stride_ym, stride_qn, stride_sn, stride_zn,
+                       G: tl.constexpr, BLOCK_N: tl.constexpr, UNROLL: tl.constexpr, MB: tl.constexpr,
+                       USE_SPLIT: tl.constexpr, HALF2: tl.constexpr, EVEN_K: tl.constexpr, M_FAST: tl.constexpr):
+    # grid (row tiles, splits, row blocks), or with M_FAST (rows, row tiles, splits): the programs of
+    # one weight tile for the M rows then run together and share it through L2
+    W: tl.constexpr = G // 8
+    if M_FAST:
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        pid_k = tl.program_id(2)
+        n_tiles_n = tl.num_programs(1)
+    else:
+        pid_n = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        pid_m = tl.program_id(2)
+        n_tiles_n = tl.num_programs(0)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    offs_c = tl.arange(0, W)
+    offs_m = pid_m * MB + tl.arange(0, MB)
+    m_mask = offs_m < M
+    x_row = x_ptr + pid_m * MB * stride_xm            # MB == 1: this program's row
+    if MB == 1:
+        acc = tl.zeros((BLOCK_N, W), dtype=tl.float32)
+    else:
+        acc = tl.zeros((MB, BLOCK_N, W), dtype=tl.float32)
+    g0 = pid_k * groups_per_split
+    g1 = tl.minimum(g0 + groups_per_split, n_groups)
+    for g in range(g0, g1, UNROLL):
+        for u in tl.static_range(UNROLL):
+            acc = _gemv_group(acc, qw_ptr, s_ptr, z_ptr, x_row, g + u, g1, offs_n, n_mask, offs_c,
+                              offs_m - pid_m * MB, m_mask, K, stride_qn, stride_sn, stride_zn, stride_xm, G, W, MB,
+                              BLOCK_N, HALF2, EVEN_K)
+    if MB == 1:
+        y = tl.sum(acc, axis=1)                                                   # [BN]
+        y_ptrs = y_ptr + pid_m * stride_ym + offs_n
+        y_mask = n_mask
+        p_offs = tl.arange(0, BLOCK_N)
+    else:
+        y = tl.sum(acc, axis=2)                                                   # [MB, BN]
+        y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
+        y_mask = m_mask[:, None] & n_mask[None, :]
+        p_offs = tl.arange(0, MB)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+    if not USE_SPLIT:
+        tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=y_mask)
+    else:
+        # split-K fix-up in the same launch: every program writes its fp32 partial sums, the last
+        # of the SPLIT programs of this tile (atomic ticket) adds them and resets the ticket to 0
+        tile = pid_m * n_tiles_n + pid_n
+        tl.store(part_ptr + (tile * SPLIT + pid_k) * (MB * BLOCK_N) + p_offs, y)
+        tl.debug_barrier()
+        ticket = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel")
+        if ticket == SPLIT - 1:
+            tl.debug_barrier()
+            tot = tl.zeros(y.shape, dtype=tl.float32)
+            for sp in range(SPLIT):
+                tot += tl.load(part_ptr + (tile * SPLIT + sp) * (MB * BLOCK_N) + p_offs, cache_modifier=".cg")
+            tl.store(y_ptrs, tot.to(y_ptr.dtype.element_ty), mask=y_mask)
+            tl.atomic_xchg(cnt_ptr + tile, 0)
+
+
+_GEMV_WORKSPACE: dict = {}
+_GEMV_RETIRED: list = []   # outgrown buffers stay alive: a captured CUDA graph may still point at them
+
+
+def _gemv_workspace(device, n_tiles: int, part_elems: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-device tickets (int32, zero between launches) and fp32 partial sums, grown on demand.
+    Launches on one stream run one after the other, so they can share it (not launches on
+    concurrent streams)."""
+    key = (device.type, device.index)
+    cnt, part = _GEMV_WORKSPACE.get(key, (None, None))
+    if cnt is None or cnt.numel() < n_tiles:
+        _GEMV_RETIRED.append(cnt)
+        cnt = torch.zeros(max(n_tiles, 4096), dtype=torch.int32, device=device)
+    if part is None or part.numel() < part_elems:
+        _GEMV_RETIRED.append(part)
+        part = torch.empty(max(part_elems, 1 << 20), dtype=torch.float32, device=device)
+    _GEMV_WORKSPACE[key] = (cnt, part)
+    return cnt, part
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def w4a16_gemv(x: torch.Tensor, qweight_t: torch.Tensor, scales_t: torch.Tensor, zeros_t: torch.Tensor, *,
+               bias: torch.Tensor | None = None, config: GemvConfig | None = None,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+    """``x [..., K] @ W^T -> [..., N]`` for few rows (decode), W in the GEMV layout of
+    :func:`mlsys24.quant.pack.gemv_repack` (``qweight_t [N, Kp/8]``, ``scales_t``/``zeros_t [N, Kp/G]``).
+
+    Rows of x are processed up to 8 at a time by one program (each weight tile is read once for
+    them); split-K partial sums are combined inside the launch (no zero-fill, no extra kernel). The
+    fp16x2 inner loop (``config.half2``) runs for one fp16 row of even K on a GPU; otherwise fp32.
+    """
+    if x.dtype not in _TL_DTYPES:
+        raise TypeError(f"x must be fp16, bf16 or fp32, got {x.dtype}")
+    N, KW = qweight_t.shape
+    n_groups = scales_t.shape[1]
+    Kp = KW * 8
+    if Kp % n_groups or scales_t.shape != (N, n_groups) or zeros_t.shape != (N, n_groups):
+        raise ValueError(f"shapes do not match: qweight_t {tuple(qweight_t.shape)}, scales_t "
+                         f"{tuple(scales_t.shape)}, zeros_t {tuple(zeros_t.shape)}")
+    G = Kp // n_groups
+    if G % 8 or (G // 8) & (G // 8 - 1):
+        raise ValueError(f"group size {G}: G/8 must be a power of two")
+    if any(t.stride(1) != 1 and t.shape[1] > 1 for t in (qweight_t, scales_t, zeros_t)):
+        raise ValueError("qweight_t, scales_t and zeros_t must be contiguous along their last dimension")
+    lead = x.shape[:-1]
+    K = x.shape[-1]
+    if K > Kp:
+        raise ValueError(f"x has K={K} > packed {Kp}")
+    x2 = x.reshape(-1, K)
+    if x2.stride(1) != 1:
+        x2 = x2.contiguous()
+    M = x2.shape[0]
+    cfg = config or default_gemv_config(M, N, K, G)
+    split = cfg.split_k or default_gemv_config(M, N, K, G).split_k
+    per = -(-n_groups // max(1, min(split, n_groups)))
+    per = -(-per // cfg.unroll) * cfg.unroll
+    split = -(-n_groups // per)
+    half2 = (cfg.half2 and M <= 8 and x.dtype == torch.float16 and x.is_cuda and not _interpreting()
+             and K % 2 == 0 and x2.stride(0) % 2 == 0 and x2.data_ptr() % 4 == 0)
+    # fp32 loop: up to 8 rows per program (weights unpacked once for them); half2 loop: one row per
+    # program, the rows of one tile launched next to each other
+    MB = 1 if (M == 1 or half2) else min(8, 1 << (M - 1).bit_length())
+    y = out.reshape(M, N) if out is not None else torch.empty(M, N, device=x.device, dtype=x.dtype)
+    tiles_n, blocks_m = triton.cdiv(N, cfg.block_n), triton.cdiv(M, MB)
+    grid = (blocks_m, tiles_n, split) if half2 else (tiles_n, split, blocks_m)
+    n_tiles = tiles_n * blocks_m
+    if split > 1:
+        cnt, part = _gemv_workspace(x.device, n_tiles, n_tiles * split * MB * cfg.block_n)
+    else:
+        cnt = part = y   # unused
+    _w4a16_gemv_kernel[grid](
+        x2, qweight_t, scales_t, zeros_t, y, part, cnt, M, N, K, n_groups, per, split,
+        x2.stride(0), y.stride(0), qweight_t.stride(0), scales_t.stride(0), zeros_t.stride(0),
+        G=G, BLOCK_N=cfg.block_n, UNROLL=cfg.unroll, MB=MB, USE_SPLIT=split > 1, HALF2=half2,
+        EVEN_K=K % G == 0, M_FAST=half2,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    if bias is not None:
+        y = y + bias.to(y.dtype)
+    return y.reshape(*lead, N)
+
+
+def w4a16_gemv_ref(x: torch.Tensor, qweight_t: torch.Tensor, scales_t: torch.Tensor, zeros_t: torch.Tensor
+                   ) -> torch.Tensor:
+    """float32 reference for the GEMV layout: dequantize (``w = (q - z) * s``), then ``x @ W^T``."""
+    from .pack import dequantize_gemv
+
+    w = dequantize_gemv(qweight_t, scales_t, zeros_t, x.shape[-1])
+    return x.float() @ w.t().to(x.device)
