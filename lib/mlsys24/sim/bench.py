@@ -68,8 +68,9 @@ def run(args) -> Path:
                            prefill_batch=[1, 4], prefill_q=[16, 64, 128], prefill_prefix=[0, 128], lm_rows=[1, 4, 16],
                            repeats=3)
         length_scale, max_prompt, max_output, cap, n_blocks = 0.06, 128, 24, 16, 512
+    n_warm, warm_qps = (160, 20.0) if on_gpu and not quick else (8, 50.0)
     records: list[dict] = []
-    config = {"quick": quick, "model": f"Llama-2-7B shapes ({cfg.n_layers} layers), random {str(dtype)[6:]} weights",
+    config = {"quick": quick, "warm_up": f"24 offline + {n_warm} one-by-one (≤ 4 new tokens) at {warm_qps:g} QPS", "model": f"Llama-2-7B shapes ({cfg.n_layers} layers), random {str(dtype)[6:]} weights",
               "requests": n_req, "trace": f"chat-like (splitwise conv P50/P90), lengths x{length_scale:.2f}",
               "max_prompt": max_prompt, "max_output": max_output, "batch_cap": cap, "n_blocks": n_blocks,
               "load": "0.85 x simulated capacity (P99 scheduling delay <= 5 s)", "decode_graphs": on_gpu}
@@ -107,10 +108,16 @@ def run(args) -> Path:
         eng = Engine(model, RecordingScheduler(sc), n_blocks=n_blocks, block_size=16, decode_graphs=on_gpu)
         cost = OperatorCost(models[1], cfg.n_layers, cfg.d_model)
         rid = 10**6
-        # warm-up (not fitted): first CUDA-graph captures, allocator growth
+        # warm-up (not fitted): first CUDA-graph captures, allocator growth. An offline burst (large batched
+        # steps), then prompts arriving one by one with short outputs: eager one-prompt prefill steps of many
+        # widths get faster for a while after the first ones (first-time costs of new shapes), which a
+        # calibration taken before they settle would carry into every predicted prefill.
         warm = make_trace("chat", 24 if not quick else 8, None, seed=303, token_ids=True, **trace_kw)
-        run_engine(model, [type(r)(rid=rid - 10**5 + r.rid, prompt=r.prompt, max_new_tokens=r.max_new_tokens)
-                           for r in warm], sc, n_blocks=n_blocks, engine=eng)
+        warm += [type(r)(rid=10**4 + r.rid, prompt=r.prompt, max_new_tokens=min(r.max_new_tokens, 4),
+                         arrival_s=r.arrival_s)
+                 for r in make_trace("chat", n_warm, warm_qps, seed=304, token_ids=True, **trace_kw)]
+        run_engine(model, [type(r)(rid=rid - 10**5 + r.rid, prompt=r.prompt, max_new_tokens=r.max_new_tokens,
+                                   arrival_s=r.arrival_s) for r in warm], sc, n_blocks=n_blocks, engine=eng)
         # calibration A: an offline burst (large and small batches, prefill and decode steps)
         cal = make_trace("chat", 32 if not quick else 16, None, seed=101, token_ids=True, **trace_kw)
         cal = [type(r)(rid=rid + r.rid, prompt=r.prompt, max_new_tokens=r.max_new_tokens, arrival_s=0.0) for r in cal]
