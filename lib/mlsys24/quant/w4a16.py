@@ -360,14 +360,15 @@ class GemvConfig:
 
 def default_gemv_config(M: int, N: int, K: int, group_size: int, *, sms: int = 132) -> GemvConfig:
     """Row tiles of 64 channels, then split-K doubled until >= 4 programs per SM (each program
-    keeping >= 4 groups); the H200 sweep (``data/results/awq``) put these near the best."""
+    keeping >= 4 groups), fp16x2 inner loop where it applies; the H200 sweep (``data/results/awq``)
+    chose the fp16x2 loop for every M = 1 shape and put these tiles near the best."""
     bn = 64
     n_groups = -(-K // group_size)
     tiles = -(-N // bn)
     split = 1
     while tiles * split < 4 * sms and n_groups // (split * 2) >= 4 and split < 32:
         split *= 2
-    return GemvConfig(block_n=bn, unroll=2, split_k=split, num_warps=4, num_stages=1)
+    return GemvConfig(block_n=bn, unroll=2, split_k=split, num_warps=4, num_stages=1, half2=True)
 
 
 @triton.jit
