@@ -134,3 +134,20 @@ def test_gpu_results_modes(tmp_path, monkeypatch):
     got = gpu_results("awq", "json")           # the committed H200 file (no GPU needed)
     assert got is not None and got.meta["device_type"] == "cuda"
     assert gpu_results("awq", "json", where=lambda f: False) is None
+
+
+def test_measure_graphed_falls_back_to_plain_timing_off_cuda():
+    from mlsys24.bench import measure_graphed
+
+    calls = []
+    t = measure_graphed(lambda: calls.append(1), warmup=2, repeats=5, device="cpu")
+    assert t.n == 5 and len(calls) == 7 and t.median_s >= 0
+
+
+def test_copy_bandwidth_counts_read_and_write_bytes():
+    from mlsys24.bench import copy_bandwidth
+
+    t, gbps = copy_bandwidth("cpu", 1 << 20, warmup=1, repeats=3)
+    assert t.n == 3 and gbps == pytest.approx(2 * (1 << 20) / t.median_s / 1e9)
+    with pytest.raises(ValueError, match="nbytes"):
+        copy_bandwidth("cpu", 0)

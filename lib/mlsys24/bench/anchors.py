@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from .results import save_results
 from .roofline import roofline
-from .timing import measure
+from .timing import copy_bandwidth, measure
 
 MM_SHAPES = [(1, 4096, 4096), (16, 4096, 4096), (64, 4096, 4096), (256, 4096, 4096), (4096, 4096, 4096),
              (1, 4096, 11008), (16, 4096, 11008), (1, 11008, 4096)]
@@ -29,9 +29,7 @@ def _records(device: torch.device, quick: bool) -> list[dict]:
 
     # Device-to-device copy: bytes read + bytes written.
     n = (1 << 30) if gpu else (16 << 20)
-    src = torch.empty(n, dtype=torch.uint8, device=device).random_(0, 255)
-    dst = torch.empty_like(src)
-    t = measure(lambda: dst.copy_(src), repeats=repeats, device=device)
+    t, _ = copy_bandwidth(device, n, repeats=repeats)
     recs.append({"op": "copy", "bytes": 2 * n, "median_us": t.median_us, "spread": t.spread,
                  **roofline(t.median_s, bytes=2 * n, device=t.device)})
 

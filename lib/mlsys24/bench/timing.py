@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-__all__ = ["Timing", "measure", "l2_flush_bytes", "CUDAGraphed"]
+__all__ = ["Timing", "measure", "measure_graphed", "copy_bandwidth", "l2_flush_bytes", "CUDAGraphed"]
 
 
 @dataclass(frozen=True)
@@ -167,3 +167,30 @@ class CUDAGraphed:
 
     def replay(self) -> None:
         self.graph.replay()
+
+
+def measure_graphed(fn: Callable[[], object], *, graph: bool = True, warmup: int = 3, repeats: int = 20,
+                    flush_l2: bool = True, device: str | torch.device | None = None) -> Timing:
+    """:func:`measure` of ``fn`` replayed from a CUDA graph when ``graph`` and ``device`` is CUDA (the
+    device time alone, as in a serving engine's captured step); otherwise ``fn`` as called."""
+    dev = torch.device(device) if device is not None else (
+        torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
+    if graph and dev.type == "cuda":
+        g = CUDAGraphed(fn)
+        try:
+            return measure(g.replay, warmup=warmup, repeats=repeats, flush_l2=flush_l2, device=dev)
+        finally:
+            del g
+    return measure(fn, warmup=warmup, repeats=repeats, flush_l2=flush_l2, device=dev)
+
+
+def copy_bandwidth(device: str | torch.device | None = None, nbytes: int = 1 << 30, *, warmup: int = 3,
+                   repeats: int = 30) -> tuple[Timing, float]:
+    """A device-to-device copy of ``nbytes``: the practical memory-bandwidth ceiling, measured now.
+    Returns the timing and GB/s counting bytes read + written (``2 * nbytes``)."""
+    if nbytes < 1:
+        raise ValueError(f"copy_bandwidth: nbytes must be >= 1 (got {nbytes})")
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device).random_(0, 255)
+    dst = torch.empty_like(src)
+    t = measure(lambda: dst.copy_(src), warmup=warmup, repeats=repeats, flush_l2=False, device=src.device)
+    return t, 2 * nbytes / t.median_s / 1e9

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..bench import CUDAGraphed, measure, roofline, save_results
+from ..bench import CUDAGraphed, copy_bandwidth, measure, roofline, save_results
 from ..bench.env import device_name, device_slug
 from . import dispatch as dsp
 from . import flat_gemm as fg
@@ -147,9 +147,7 @@ def _rel_err(out, ref) -> float:
 
 def _copy_bandwidth(repeats: int) -> dict:
     n = (1 << 30) if DEV == "cuda" else (1 << 24)
-    src = torch.empty(n, dtype=torch.uint8, device=DEV).random_(0, 255)
-    dst = torch.empty_like(src)
-    t = measure(lambda: dst.copy_(src), repeats=repeats, device=DEV)
+    t, _ = copy_bandwidth(DEV, n, repeats=repeats)
     return {"bench": "copy", "bytes": 2 * n, "median_us": t.median_us, "spread": t.spread,
             **roofline(t.median_s, bytes=2 * n, device=t.device)}
 

@@ -38,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-from ..bench import CUDAGraphed, measure, save_results
+from ..bench import measure, measure_graphed, save_results
 from ..models.config import preset
 from ..models.loading import random_llama
 from . import fused_score
@@ -103,11 +103,9 @@ def _time_decode(model, cfg, policy, batch, n, dtype, dev, repeats, graphs: bool
         rec["eager_ms"] = t.median_ms
         if graphs and dev.type == "cuda":
             try:
-                g = CUDAGraphed(fn)
-                tg = measure(g.replay, warmup=2, repeats=repeats)
+                tg = measure_graphed(fn, warmup=2, repeats=repeats)
                 rec["graph_ms"] = tg.median_ms
                 rec["graph_p10_ms"], rec["graph_p90_ms"] = tg.p10_s * 1e3, tg.p90_s * 1e3
-                del g
             except Exception as e:  # a capture failure is reported, the eager number stands
                 rec["graph_error"] = repr(e)[:200]
     if cache.evicting:  # budgets and protected sets still hold after all the replays

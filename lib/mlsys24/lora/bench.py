@@ -39,7 +39,13 @@ from dataclasses import replace
 import numpy as np
 import torch
 
-from ..bench import CUDAGraphed, device_peaks, measure, roofline, save_results
+from ..bench import (
+    copy_bandwidth,
+    device_peaks,
+    measure_graphed,
+    roofline,
+    save_results,
+)
 from ..models import preset, random_llama
 from ..serving.lora import AdapterWeights, attach_lora
 from ..serving.scheduler import SchedulerConfig
@@ -91,12 +97,7 @@ def _time(fn, device, repeats: int, mode: str, warmup: int = 3):
     """Median timing of ``fn``: ``eager`` = as called from Python (host launch cost included when it
     exceeds the GPU work), ``graph`` = replayed from a CUDA graph (the device time, as in a serving
     engine's captured decode step)."""
-    if mode == "graph":
-        g = CUDAGraphed(fn)
-        t = measure(g.replay, warmup=warmup, repeats=repeats, device=device)
-        del g
-        return t
-    return measure(fn, warmup=warmup, repeats=repeats, device=device)
+    return measure_graphed(fn, graph=mode == "graph", warmup=warmup, repeats=repeats, device=device)
 
 
 def _split_for(target_programs: int, n_tiles: int, k_blocks: int) -> int:
@@ -414,13 +415,6 @@ def _headline(records: list[dict]) -> dict | None:
             "punica_tok_s": p["tokens_per_s"], "baseline_tok_s": b["tokens_per_s"]}
 
 
-def _copy_GBps(dev, n: int = 1 << 30) -> float:
-    src = torch.empty(n, dtype=torch.uint8, device=dev).random_(0, 255)
-    dst = torch.empty_like(src)
-    t = measure(lambda: dst.copy_(src), repeats=30)
-    return 2 * n / t.median_s / 1e9
-
-
 def run(args) -> str:
     if not torch.cuda.is_available():
         raise SystemExit("the punica benchmark needs a CUDA GPU (CPU paths are covered by tests/lora)")
@@ -448,7 +442,7 @@ def run(args) -> str:
     def log(msg):
         print(f"[{time.perf_counter() - t_start:6.1f}s] {msg}", flush=True)
 
-    config["copy_GBps"] = _copy_GBps(dev)  # the practical HBM ceiling on this GPU, measured now
+    config["copy_GBps"] = copy_bandwidth(dev)[1]  # the practical HBM ceiling on this GPU, measured now
     log(f"copy {config['copy_GBps']:.0f} GB/s")
 
     if not extra.no_ops:

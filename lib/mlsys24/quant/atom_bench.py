@@ -36,7 +36,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from ..bench import CUDAGraphed, measure, roofline, save_results
+from ..bench import measure, measure_graphed, roofline, save_results
 from ..bench.env import device_name
 
 SLUG = "atom"
@@ -64,10 +64,7 @@ __all__ = ["run", "SHAPES", "MS"]
 
 def _time(fn, repeats: int, gpu: bool):
     if gpu:
-        g = CUDAGraphed(fn)
-        t = measure(g.replay, warmup=3, repeats=repeats, flush_l2=True)
-        del g
-        return t
+        return measure_graphed(fn, warmup=3, repeats=repeats)
     return measure(fn, warmup=1, repeats=repeats, device="cpu")
 
 

@@ -29,7 +29,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from ..bench import CUDAGraphed, measure, roofline, save_results
+from ..bench import copy_bandwidth, measure, measure_graphed, roofline, save_results
 from ..bench.env import device_name
 from .pack import awq_pack, gemv_repack
 from .w4a16 import GemvConfig, W4A16Config, default_config, w4a16_gemm, w4a16_gemv, w4a16_ref, weight_bytes
@@ -61,10 +61,7 @@ def gemv_bytes(N: int, K: int, group_size: int) -> int:
 
 def _time(fn, repeats: int, gpu: bool, graph: bool = True):
     if gpu and graph:
-        g = CUDAGraphed(fn)
-        t = measure(g.replay, warmup=3, repeats=repeats, flush_l2=True)
-        del g
-        return t
+        return measure_graphed(fn, warmup=3, repeats=repeats)
     return measure(fn, warmup=2 if gpu else 1, repeats=repeats, flush_l2=gpu)
 
 
@@ -310,14 +307,11 @@ def run(args) -> str:
     recs: list[dict] = []
     dtype = torch.float16 if gpu else torch.float32
     n = (1 << 30) if gpu else (8 << 20)
-    src = torch.empty(n, dtype=torch.uint8, device=dev).random_(0, 255)
-    dst = torch.empty_like(src)
-    t = measure(lambda: dst.copy_(src), warmup=3, repeats=50 if gpu else 3, flush_l2=False, device=dev)
+    t, _ = copy_bandwidth(dev, n, repeats=50 if gpu else 3)
     copy = {"op": "copy", "provider": "copy", "bytes": 2 * n, "median_us": t.median_us,
             **roofline(t.median_s, bytes=2 * n, device=t.device)}
     recs.append(copy)
     copy_GBps = copy["GBps"] if gpu else None
-    src = dst = None
     log(f"copy: {copy['GBps']:.0f} GB/s")
     if gpu:   # the harness floor: one tiny kernel in a graph, timed like every kernel below
         tiny = torch.zeros(1, device=dev)

@@ -16,7 +16,7 @@ import statistics
 
 import torch
 
-from ..bench import device_peaks, measure, roofline, save_results
+from ..bench import copy_bandwidth, device_peaks, measure, roofline, save_results
 from ..models import pack_projections, preset, random_llama
 from .engine import Engine
 from .request import Request
@@ -50,11 +50,7 @@ def run(args) -> str:
     records: list[dict] = []
 
     # The practical HBM ceiling on this GPU, measured now.
-    n = 1 << 30
-    src = torch.empty(n, dtype=torch.uint8, device=dev).random_(0, 255)
-    dst = torch.empty_like(src)
-    t = measure(lambda: dst.copy_(src), repeats=50)
-    copy_GBps = 2 * n / t.median_s / 1e9
+    t, copy_GBps = copy_bandwidth(dev, 1 << 30, repeats=50)
     records.append({"kind": "copy", "GBps": copy_GBps, "median_us": t.median_us})
 
     # cuBLAS GEMV at the model's shapes (x[1,K] @ W^T with W [N,K]) — the matmul bound.

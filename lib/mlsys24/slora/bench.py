@@ -109,10 +109,11 @@ def run(args) -> Path:
 
     time_budget = float(getattr(args, "budget", None) or 1e9)
 
+    budget = torch.cuda.get_device_properties(0).total_memory if cuda else 8 * 2**30  # device memory (bytes)
+
     def build(system, n):
         ws, packed = adapters_for(n)
         if system == "merged":
-            budget = torch.cuda.get_device_properties(0).total_memory if cuda else 8 * 2**30
             fits_scaled = n * model_bytes(model) <= budget - pool_slots * sb
             srv = MergedServer(model, {a: _weights_for_merge(packed[a]) for a in ws} if fits_scaled else {},
                                budget_bytes=budget, pool_slots=pool_slots, max_batch_size=max_batch, policy=policy)
@@ -144,7 +145,6 @@ def run(args) -> Path:
         res = serve(srv, reqs, window_s=window)
         if system == "merged":
             full_copy = 2 * sum(int(np.prod(s)) for s in _full_7b_param_shapes())
-            budget = torch.cuda.get_device_properties(0).total_memory if cuda else 8 * 2**30
             res.update(full7b_copies_bytes=n * full_copy, full7b_fits=n * full_copy <= budget)
         else:
             res.update(pool_bytes=pool_slots * sb, peak_adapter_bytes=res["peak_adapter_slots"] * sb,

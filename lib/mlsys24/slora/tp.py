@@ -176,7 +176,7 @@ def run_tp_check(world: int = 2, *, tokens: int = 5, h: int = 64, d: int = 96, r
 # ----------------------------------------------------------------------------------------------
 # timing on GPUs (NCCL): the cost of the rank-sized LoRA collectives against the base model's own
 def _bench_worker(rank: int, world: int, port: int, cfg: dict, q) -> None:
-    from mlsys24.bench import measure
+    from mlsys24.bench import CUDAGraphed, measure
 
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
     if cfg["backend"] == "nccl":
@@ -188,6 +188,15 @@ def _bench_worker(rank: int, world: int, port: int, cfg: dict, q) -> None:
         dist.init_process_group("gloo", rank=rank, world_size=world)
         dev, dtype = torch.device("cpu"), torch.float32
     recs = []
+
+    def timed(fn) -> float:
+        # every rank times the same calls; the slower rank sets the step
+        dist.barrier()
+        tm = measure(fn, warmup=cfg["warmup"], repeats=cfg["repeats"], flush_l2=False)
+        v = torch.tensor([tm.median_s], device=dev, dtype=torch.float64)
+        dist.all_reduce(v, op=dist.ReduceOp.MAX)
+        return float(v)
+
     try:
         h, d = cfg["h"], cfg["d"]
         for r in cfg["ranks"]:
@@ -199,29 +208,17 @@ def _bench_worker(rank: int, world: int, port: int, cfg: dict, q) -> None:
                 y = mlp_pair_tp_sharded(x, ws, world, 0.5, comm)
                 ref = mlp_pair_ref(x.float(), {k: v.float() for k, v in w.items()}, 0.5)
                 err = float((y.float() - ref).abs().max() / ref.abs().max().clamp_min(1e-6))
-                t = {}
                 fns = (("base_tp", lambda: mlp_pair_tp_sharded(x, ws, world, 0.5, lora=False)),
                        ("slora_tp", lambda: mlp_pair_tp_sharded(x, ws, world, 0.5)),
                        ("slora_1gpu", lambda: mlp_pair_ref(x, w, 0.5)))
-                for name, fn in fns:
-                    dist.barrier()
-                    tm = measure(fn, warmup=cfg["warmup"], repeats=cfg["repeats"], flush_l2=False)
-                    v = torch.tensor([tm.median_s], device=dev, dtype=torch.float64)
-                    dist.all_reduce(v, op=dist.ReduceOp.MAX)      # the slower rank sets the step
-                    t[name] = float(v)
+                t = {name: timed(fn) for name, fn in fns}
                 if cfg["backend"] == "nccl":
                     # the same calls captured in CUDA graphs (collectives included), as a serving engine's
                     # decode step runs: device time alone, without the host's launch cost and rank skew
-                    from mlsys24.bench import CUDAGraphed
-
                     for name, fn in fns:
                         dist.barrier()
                         g = CUDAGraphed(fn)
-                        dist.barrier()
-                        tm = measure(g.replay, warmup=cfg["warmup"], repeats=cfg["repeats"], flush_l2=False)
-                        v = torch.tensor([tm.median_s], device=dev, dtype=torch.float64)
-                        dist.all_reduce(v, op=dist.ReduceOp.MAX)
-                        t[f"{name}_graph"] = float(v)
+                        t[f"{name}_graph"] = timed(g.replay)
                         del g
                 rec = {"h": h, "d": d, "rank": r, "tokens": bt, "world": world, "rel_err": err,
                        "lora_elems": comm.lora_elems, "base_elems": comm.base_elems,
