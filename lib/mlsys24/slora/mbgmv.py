@@ -107,6 +107,21 @@ def make_tables(seg_start, seg_len, seg_astart, seg_rank, seg_scale, a_loc, n_ro
 # ------------------------------------------------------------------------------------------------
 # Triton kernels
 # ------------------------------------------------------------------------------------------------
+@triton.jit
+def _segment_tile(table_ptr, n_seg, seg, start, length, mt, proj, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr):
+    """Row tile ``mt`` of segment ``seg`` (tokens ``start .. start + length``) and the pool slots of its
+    adapter's rows for projection ``proj``: (token rows int64, row mask, rank offsets, rank mask, slots int64)."""
+    astart = tl.load(table_ptr + 2 * n_seg + seg)
+    rank = tl.load(table_ptr + 3 * n_seg + seg)
+    offs_m = mt * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_mask = offs_m < length
+    rows = (start + offs_m).to(tl.int64)
+    offs_r = tl.arange(0, BLOCK_R)
+    r_mask = offs_r < rank
+    slots = tl.load(table_ptr + 4 * n_seg + astart + rank * proj + offs_r, mask=r_mask, other=0).to(tl.int64)
+    return rows, m_mask, offs_r, r_mask, slots
+
+
 @triton.jit(do_not_specialize=["n_seg", "K", "proj"])
 def _mbgmm_shrink_kernel(x_ptr, wa_ptr, v_ptr, table_ptr, n_seg, K, proj,
                          stride_xm, stride_xk, stride_ws, stride_wk, stride_vm, stride_vr,
@@ -118,14 +133,8 @@ def _mbgmm_shrink_kernel(x_ptr, wa_ptr, v_ptr, table_ptr, n_seg, K, proj,
     start = tl.load(table_ptr + seg)
     length = tl.load(table_ptr + n_seg + seg)
     if mt * BLOCK_M < length:
-        astart = tl.load(table_ptr + 2 * n_seg + seg)
-        rank = tl.load(table_ptr + 3 * n_seg + seg)
-        offs_m = mt * BLOCK_M + tl.arange(0, BLOCK_M)
-        m_mask = offs_m < length
-        rows = (start + offs_m).to(tl.int64)
-        offs_r = tl.arange(0, BLOCK_R)
-        r_mask = offs_r < rank
-        slots = tl.load(table_ptr + 4 * n_seg + astart + rank * proj + offs_r, mask=r_mask, other=0).to(tl.int64)
+        rows, m_mask, offs_r, r_mask, slots = _segment_tile(table_ptr, n_seg, seg, start, length, mt, proj,
+                                                            BLOCK_M, BLOCK_R)
         acc = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
@@ -150,14 +159,8 @@ def _mbgmm_expand_kernel(v_ptr, wb_ptr, y_ptr, table_ptr, scale_ptr, n_seg, N, p
     start = tl.load(table_ptr + seg)
     length = tl.load(table_ptr + n_seg + seg)
     if mt * BLOCK_M < length:
-        astart = tl.load(table_ptr + 2 * n_seg + seg)
-        rank = tl.load(table_ptr + 3 * n_seg + seg)
-        offs_m = mt * BLOCK_M + tl.arange(0, BLOCK_M)
-        m_mask = offs_m < length
-        rows = (start + offs_m).to(tl.int64)
-        offs_r = tl.arange(0, BLOCK_R)
-        r_mask = offs_r < rank
-        slots = tl.load(table_ptr + 4 * n_seg + astart + rank * proj + offs_r, mask=r_mask, other=0).to(tl.int64)
+        rows, m_mask, offs_r, r_mask, slots = _segment_tile(table_ptr, n_seg, seg, start, length, mt, proj,
+                                                            BLOCK_M, BLOCK_R)
         offs_n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
         n_mask = offs_n < N
         vt = tl.load(v_ptr + rows[:, None] * stride_vm + offs_r[None, :] * stride_vr,
