@@ -61,7 +61,7 @@ ADAPTER_REGION = 512          # non-unified systems: slots reserved for adapters
 MAX_BATCH = 32                # max running requests
 SYSTEMS = ["slora", "no_unify", "bmm", "peft", "merged"]  # systems of the sweep
 PEFT_ADAPTERS = [1, 32]       # adapter counts at which PEFT-style runs (it is the slow one)
-REPEATS = 3                   # S-LoRA runs at the claims' adapter counts (median taken)
+REPEATS = 3                   # rounds of S-LoRA runs at the claims' adapter counts (medians taken)
 TP_CHECK = True               # run the 2-process gloo tensor-parallel check (~10 s)
 SEED = 42                     # seed of adapters and traces
 INTERACTIVE = True            # build the ipywidgets explorer at the end
@@ -241,11 +241,13 @@ for n in NUM_ADAPTERS:
 # %%
 N_CLAIM = 32 if 32 in NUM_ADAPTERS else sorted(NUM_ADAPTERS)[len(NUM_ADAPTERS) // 2]
 n_lo, n_hi = min(NUM_ADAPTERS), max(NUM_ADAPTERS)
-MEDIAN = {}
-for n in sorted({N_CLAIM, n_lo, n_hi}):
-    runs = [RESULTS[("slora", n)]["throughput_rps"]] + [run_one("slora", n)[0]["throughput_rps"] for _ in range(REPEATS - 1)]
-    MEDIAN[n] = statistics.median(runs)
-    print(f"S-LoRA n={n}: median {MEDIAN[n]:.2f} req/s of {[round(r, 2) for r in runs]}")
+# REPEATS rounds; each round runs the claims' adapter counts back to back, so a ratio within a round
+# compares runs under the same machine conditions (CPU speed drifts over seconds on a shared machine).
+ROUNDS = [{n: run_one("slora", n)[0]["throughput_rps"] for n in sorted({N_CLAIM, n_lo, n_hi})} for _ in range(REPEATS)]
+MEDIAN = {n: statistics.median(r[n] for r in ROUNDS) for n in ROUNDS[0]}
+for n in MEDIAN:
+    print(f"S-LoRA n={n}: median {MEDIAN[n]:.2f} req/s of {[round(r[n], 2) for r in ROUNDS]}")
+RATIO_HI_LO = statistics.median(r[n_hi] / r[n_lo] for r in ROUNDS)   # claim 5: paired within rounds
 thr_slora = MEDIAN[N_CLAIM]
 thr_peft = RESULTS.get(("peft", N_CLAIM), {}).get("throughput_rps")
 
@@ -289,7 +291,8 @@ fig_t3.show()
 #
 # **Claim 4** — offline throughput at n = 32: S-LoRA ≥ 3× PEFT-style (CPU, median of `REPEATS` S-LoRA
 # runs, one PEFT-style run: it takes several times longer and the margin is wide).
-# **Claim 5** — S-LoRA at the largest n ≥ 0.6 × at the smallest; gathered elements counted from the
+# **Claim 5** — S-LoRA at the largest n ≥ 0.6 × at the smallest (the median over `REPEATS` rounds of the
+# ratio within a round: runs of one round are back to back, so slow drifts of a shared CPU cancel); gathered elements counted from the
 # index tensors: MBGMM/MBGMV `Σ 8·H·r_b` < padded BMM `Σ 8·H·r_max`.
 # **Claim 6** — merged copies are OOM once `n × model bytes` exceeds the budget, while S-LoRA finishes
 # every request at every n.
@@ -299,8 +302,8 @@ if thr_peft is not None:
     print(f"claim 4: S-LoRA / PEFT-style at n={N_CLAIM}: {thr_slora / thr_peft:.1f}x (paper, A100: ~30x at n=100)")
     assert thr_slora >= 3 * thr_peft, (thr_slora, thr_peft)
 r_hi = RESULTS[("slora", n_hi)]
-print(f"claim 5: S-LoRA n={n_hi} / n={n_lo} (medians): {MEDIAN[n_hi] / MEDIAN[n_lo]:.2f} (paper S2: 0.90)")
-assert MEDIAN[n_hi] >= 0.6 * MEDIAN[n_lo]
+print(f"claim 5: S-LoRA n={n_hi} / n={n_lo} (median of {REPEATS} paired rounds): {RATIO_HI_LO:.2f} (paper S2: 0.90)")
+assert RATIO_HI_LO >= 0.6
 g_s, g_b = r_hi["gathered_elements"], r_hi["gathered_elements_if_padded"]
 print(f"         gathered at n={n_hi}: MBGMV/MBGMM {g_s:,} vs padded BMM {g_b:,} elements ({g_b / g_s:.2f}x)")
 assert g_s < g_b
