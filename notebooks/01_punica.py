@@ -16,10 +16,11 @@
 #     figure: throughput
 #     headline: 'Paper: Punica 12x the tokens/s of vLLM on Distinct adapters (A100),
 #       SGMV near-flat in batch. Ours: mixed-adapter batching 4-5x the same-adapter
-#       baseline on CPU (tiny Llama); on H200 (Llama-2-7B shapes) 8.3x the same-adapter
-#       baseline on Distinct (750 vs 90 tok/s), SGMV 35x faster than Loop at batch 64
-#       and reading adapters at 55% of HBM peak, but not flat: 2.8x from batch 1 (8.5
-#       us) to 64 Distinct (23.9 us), whose adapter bytes alone set a 1.85x floor'
+#       baseline on CPU (tiny Llama); on H200 (Llama-2-7B shapes) 6.8x the same-adapter
+#       baseline on Distinct (574 vs 84 tok/s), SGMV 36x faster than Loop at batch 64
+#       and reading rank-64 adapters at 60% of HBM peak, but not flat at h2=11008, r=16:
+#       2.7x from batch 1 (8.7 us) to 64 Distinct (23.7 us) against a 1.83x floor set
+#       by the adapter bytes (h2=4096: 1.9x, met)'
 #     paper: '01'
 #     slug: punica
 #     status: partial
@@ -117,6 +118,7 @@ from mlsys24.lora import (
 from mlsys24.lora.cluster import POLICIES, GPUSpec, SimRequest, StepModel, simulate
 from mlsys24.lora.report import PAPER_TEXTGEN, gpu_claims, op_latency, op_records, paper_speedups, timing_mode
 from mlsys24.lora.sgmv import (
+    SGMVConfig,
     bgmv_ref,
     dense_ref,
     lora_bgmv,
@@ -176,9 +178,13 @@ print("row 2 has no adapter, its add-on is", float(y_demo[2].abs().max()))
 # split of a tile to arrive (a per-tile arrival counter), or added with fp32 atomics. Which of these,
 # the split count, the tiles and programmatic dependent launch (the expand starts reading `B` while
 # the shrink runs) are chosen per shape and number of tiles by a sweep in the GPU benchmark, and the
-# table it measured is what the benchmark's timings use. `lora_bgmv` is the one-row-per-segment
-# special case (a matrix-vector product per row). On CPU they run in Triton's interpreter, which
-# executes every program instance in Python: shapes are kept tiny. The popularity models are
+# table it measured is what the benchmark's timings use. The expand comes in three forms the sweep
+# chooses from: one program per (tile, N tile) on tensor cores; programs that walk a run of N tiles
+# (fewer, longer programs, next tile prefetched); and, for decode batches whose tiles hold one row, a
+# row-by-row kernel on CUDA cores (a 16-row tensor-core tile with one live row wastes registers).
+# `lora_bgmv` is the one-row-per-segment special case (a matrix-vector product per row). On CPU
+# they run in Triton's interpreter, which executes every program instance in Python: shapes are
+# kept tiny. The popularity models are
 # Punica's: Distinct (every row its own adapter), Uniform (⌈√bs⌉ equal segments), Skewed (Zipf-like,
 # α = 1.5), Identical (one segment).
 
@@ -187,6 +193,8 @@ POP_ALL = ["distinct", "uniform", "skewed", "identical"]
 for p in POP_ALL:
     print(f"{p:9s} bs=16 segments: {popularity_segments(16, p)}")
 
+EXPAND_FORMS = [None, SGMVConfig(programs_per_sm=1, block_k=64, block_n=16, expand_per_sm=1),
+                SGMVConfig(programs_per_sm=1, block_k=64, rows_block_n=32, expand_rows=16)]
 kernel_rows = []
 bs_max = max(BATCH_SIZES)
 cases = [(p, r, bs_max) for p in POPULARITIES for r in RANKS] + [("skewed", RANKS[-1], b) for b in BATCH_SIZES[:-1]]
@@ -201,7 +209,8 @@ for pop, r, bs in cases:
     slots = np.repeat(np.arange(len(lens)), lens)
     ref = lora_ref(x, A, B, scale, slots)
     seg = segments_from_indptr(indptr, list(range(len(lens))))
-    err_sgmv = float((lora_sgmv(x, A, B, scale, seg) - ref).abs().max())
+    # the three expand forms: one N tile per program (default), runs of N tiles, row-by-row
+    err_sgmv = max(float((lora_sgmv(x, A, B, scale, seg, config=cfg) - ref).abs().max()) for cfg in EXPAND_FORMS)
     err_bgmv = float((lora_bgmv(x, A, B, scale, slots) - ref).abs().max())
     err_shrink = float((lora_sgmv(x, A, torch.eye(r)[None].expand(len(lens), r, r).contiguous(), None, seg)
                         - sgmv_ref(x, A, indptr, list(range(len(lens))))).abs().max())
@@ -213,8 +222,8 @@ for pop, r, bs, S, e1, e2, e3, _ in kernel_rows:
 print(f"kernel checks: {time.time() - T_START:.1f} s since start")
 
 # %% [markdown]
-# **Claim 1** — SGMV (shrink and expand) and BGMV equal the float32 reference for every popularity
-# (max abs error ≤ 1e-4 in fp32); BGMV is SGMV with unit segments.
+# **Claim 1** — SGMV (shrink and expand, each of the three expand forms) and BGMV equal the float32
+# reference for every popularity (max abs error ≤ 1e-4 in fp32); BGMV is SGMV with unit segments.
 
 # %%
 worst = max(max(e1, e2, e3, e4) for *_, e1, e2, e3, e4 in kernel_rows)
@@ -642,22 +651,33 @@ print("claim 6 holds")
 # ## 7. GPU claims (results file, or live with `DEVICE="cuda"`)
 #
 # From `data/results/punica/<gpu>.json` (`python -m mlsys24.bench punica`), at h1 = 4096, h2 = 11008,
-# fp16: SGMV at bs = 64 Distinct ≤ 2× its bs = 1 latency; Loop / SGMV at bs = 64 ≥ 5; at bs = 64
-# Distinct, r = 64, ≥ 50% of the HBM roofline (adapter bytes / time vs the datasheet bandwidth);
-# flatness — SGMV at bs = 64 varies ≤ 25% across the four popularities (claim 4); serving
-# mixed-adapter / same-adapter ≥ 5 in Distinct (claim 7); every provider within 2e-2 of the float32
-# reference. Latency claims need device time (CUDA-graph replay); a file with only Python-launched
-# timings leaves them unanswered.
+# fp16: SGMV at bs = 64 Distinct ≤ 2× its bs = 1 latency (r = 16); Loop / SGMV at bs = 64 ≥ 5; at
+# bs = 64 Distinct, r = 64, ≥ 50% of the HBM roofline (adapter bytes / time vs the datasheet
+# bandwidth); serving mixed-adapter / same-adapter ≥ 5 in Distinct (claim 7); every provider within
+# 2e-2 of the float32 reference. Latency claims need device time (CUDA-graph replay); a file with only
+# Python-launched timings leaves them unanswered.
+#
+# **Claim 4 (flatness across popularities), stated where physics allows a test.** Distinct reads 64
+# adapters where Identical reads one, so at batch 64 the spread over popularities cannot be below
+# `floor = (63 extra adapters' bytes / measured copy bandwidth) / latency(Identical)`. When that floor
+# exceeds the paper's 25% (a GPU with microsecond kernels and rank ≥ 16), the paper's form is reported
+# with its floor but cannot be judged. It is tested in two forms that can pass or fail:
+# (a) the paper's ≤ 25% spread at the largest batch whose byte floor is ≤ 12.5% (rank 16), and
+# (b) at batch 64 and every rank, what is *not* explained by bytes —
+# `(T_pop − extra bytes / copy bandwidth) / T_Identical − 1` — is ≤ 25%.
 
 # %%
 if GPU:
+    from mlsys24.bench import copy_bandwidth
     from mlsys24.lora.bench import operator_bench
 
-    live = operator_bench(device=DEV, h2s=(11008,), ranks=(16, 64), batches=(1, 64), repeats=20, tune=False,
+    live = operator_bench(device=DEV, h2s=(11008,), ranks=(16, 64), batches=(1, 8, 64), repeats=20, tune=False,
                           log=lambda m: None)
-    CLAIMS, claim_src = gpu_claims(live), f"live on {torch.cuda.get_device_name()}"
+    COPY_GBPS = copy_bandwidth(DEV)[1]
+    CLAIMS, claim_src = gpu_claims(live, copy_GBps=COPY_GBPS), f"live on {torch.cuda.get_device_name()}"
 elif RES is not None:
-    CLAIMS, claim_src = gpu_claims(RES.records), RES.caption()
+    COPY_GBPS = RES.config.get("copy_GBps")
+    CLAIMS, claim_src = gpu_claims(RES.records, copy_GBps=COPY_GBPS), RES.caption()
 else:
     CLAIMS, claim_src = {}, None
 if not CLAIMS:
@@ -666,15 +686,22 @@ else:
     print(f"GPU claims from: {claim_src}")
     for name, c in CLAIMS.items():
         if c is None:
-            print(f"  {name:22s}: not in this file (re-run `python3 -m mlsys24.bench punica`)")
+            print(f"  {name:26s}: not in this file (re-run `python3 -m mlsys24.bench punica`)")
         else:
-            print(f"  {name:22s}: {c['value']:.3g} (target {c['target']}) -> {'OK' if c['ok'] else 'FAILS'} · {c['detail']}")
+            print(f"  {name:26s}: {c['value']:.3g} (target {c['target']}) -> {'OK' if c['ok'] else 'FAILS'} · {c['detail']}")
     # The paper's result rests on these: SGMV far ahead of Loop, adapter reads near HBM speed, the
-    # serving speedup on Distinct, exactness. The two shape claims (latency nearly flat in batch size
+    # serving speedup on Distinct, exactness. The shape claims (latency nearly flat in batch size
     # and across popularities) are reported with their numbers; where they fail, this Triton SGMV
     # does not reproduce the paper's CUDA kernel's flatness, and the run says so instead of hiding it.
     CORE = ("loop_over_sgmv_bs64", "sgmv_pct_hbm_r64", "e2e_distinct_speedup", "max_rel_err")
-    not_reproduced = [n for n, c in CLAIMS.items() if c is not None and not c["ok"] and n not in CORE]
+    flat64 = CLAIMS.get("sgmv_flatness_bs64")
+    if flat64 is not None and not flat64["testable"]:
+        print(f"NOT TESTABLE here: sgmv_flatness_bs64 = {flat64['value']:.3g} (paper-derived target "
+              f"{flat64['target']}); the adapter bytes alone set its floor at {flat64['floor']:.2f} on this GPU, "
+              "so forms (a) and (b) test the claim instead")
+    untestable = {"sgmv_flatness_bs64"} if flat64 is not None and not flat64["testable"] else set()
+    not_reproduced = [n for n, c in CLAIMS.items()
+                      if c is not None and not c["ok"] and n not in CORE and n not in untestable]
     for n in not_reproduced:
         print(f"NOT REPRODUCED here: {n} = {CLAIMS[n]['value']:.3g} (paper-derived target {CLAIMS[n]['target']})")
     failed = [n for n in CORE if CLAIMS.get(n) is not None and not CLAIMS[n]["ok"]]
@@ -684,34 +711,62 @@ else:
 # What bounds the batch-64 / batch-1 ratio: batch 1 costs a fixed floor (two launches and a few
 # dependent memory round trips), batch 64 Distinct must also stream 64 adapters. So the ratio cannot
 # be below `1 + (64 adapters' bytes / measured copy bandwidth) / latency(bs=1)`: the faster the
-# batch-1 floor, the harder a ratio of 2. The configs the sweep chose are listed with it.
+# batch-1 floor, the harder a ratio of 2. Below, every rank and both output widths of the issue's
+# shapes, with that floor, then the configs the sweep chose.
 
 # %%
 if RES is not None and MODE == "graph":
     bw = RES.config.get("copy_GBps") or device_peaks(RES.device).hbm_GBps
-    for r_ in (16, 64):
-        s1 = op_latency(RES.records, "sgmv", h2=11008, bs=1, popularity="distinct", r=r_, mode=MODE)
-        s64 = op_latency(RES.records, "sgmv", h2=11008, bs=64, popularity="distinct", r=r_, mode=MODE)
-        if s1 and s64:
-            stream_us = 64 * (4096 + 11008) * r_ * 2 / bw / 1e3
-            print(f"r={r_}: SGMV bs=1 {s1:.1f} us, bs=64 Distinct {s64:.1f} us (ratio {s64 / s1:.2f}); "
-                  f"64 adapters at {bw:.0f} GB/s take {stream_us:.1f} us -> ratio floor {1 + stream_us / s1:.2f}")
+    for h2_ in (11008, 4096):
+        for r_ in (16, 32, 64):
+            s1 = op_latency(RES.records, "sgmv", h2=h2_, bs=1, popularity="distinct", r=r_, mode=MODE)
+            s64 = op_latency(RES.records, "sgmv", h2=h2_, bs=64, popularity="distinct", r=r_, mode=MODE)
+            if s1 and s64:
+                stream_us = 64 * (4096 + h2_) * r_ * 2 / bw / 1e3
+                verdict = "meets <= 2" if s64 / s1 <= 2 else ("misses 2" if 1 + stream_us / s1 <= 2 else
+                                                               "misses 2 (floor above 2)")
+                print(f"h2={h2_:5d} r={r_:2d}: SGMV bs=1 {s1:5.1f} us, bs=64 Distinct {s64:5.1f} us, ratio "
+                      f"{s64 / s1:.2f} ({verdict}); 64 adapters at {bw:.0f} GB/s take {stream_us:4.1f} us -> "
+                      f"ratio floor {1 + stream_us / s1:.2f}")
+    # where batch 64 loses time: the marginal bandwidth of the expand, from the two output widths
+    # (the shrink reads the same A in both, each width runs its own tuned config; h2 = 11008 reads
+    # 64 x r x 6912 more B elements than 4096)
+    for r_ in (16, 32, 64):
+        t_wide = op_latency(RES.records, "sgmv", h2=11008, bs=64, popularity="distinct", r=r_, mode=MODE)
+        t_narrow = op_latency(RES.records, "sgmv", h2=4096, bs=64, popularity="distinct", r=r_, mode=MODE)
+        if t_wide and t_narrow and t_wide > t_narrow:
+            extra_mb = 64 * r_ * (11008 - 4096) * 2 / 1e6
+            print(f"r={r_:2d}: the expand's extra {extra_mb:.1f} MB (h2 11008 vs 4096, bs=64 Distinct) cost "
+                  f"{t_wide - t_narrow:.1f} us -> marginal {extra_mb / (t_wide - t_narrow):.2f} TB/s "
+                  f"(copy: {bw / 1e3:.2f} TB/s)")
     for rec in RES.records:
         if rec.get("kind") == "tuning" and rec.get("op") == "sgmv" and rec["h2"] == 11008:
             b = rec["best"]
+            form = ("row-by-row" if b.get("expand_rows") else
+                    f"runs of tiles ({b['expand_per_sm']:g}/SM)" if b.get("expand_per_sm") else "one tile per program")
             print(f"  tuned h2=11008 r={rec['r']:2d} bs={rec['bs']:2d}: {rec['us']:5.1f} us  reduce={b['reduce']}, "
-                  f"pdl={b['pdl']}, {b['programs_per_sm']:g} shrink programs/SM, block_k={b['block_k']}, "
-                  f"block_n={b['block_n']}, warps={b['num_warps']} ({len(rec['trials'])} configs tried)")
+                  f"pdl={b['pdl']}, {b['programs_per_sm']:g} shrink programs/SM, block_k={b['block_k']}, expand: "
+                  f"{form}, block_n={b.get('rows_block_n') if b.get('expand_rows') else b['block_n']}, "
+                  f"warps={b['num_warps']} ({len(rec['trials'])} configs tried)")
 
 # %% [markdown]
-# **Takeaway.** Batch 1 is a floor of launches and dependent memory round trips; programmatic
-# dependent launch (the expand reading `B` while the shrink runs) and a wide split-K lower it. Batch
-# 64 Distinct must in addition stream 64 adapters, and with a fast batch-1 floor the adapter bytes
-# alone put the ratio close to 2 even at copy bandwidth (the floor printed above), so "flat in the
-# batch" on an H200 needs the batch-64 kernel at nearly full HBM speed; at rank 16 this one is not
-# there yet (each expand program waits on one small weight tile). Flatness across popularities is
-# bounded the same way: Distinct reads 64 adapters where Identical reads one. The paper's A100
-# kernel was flat partly because its batch-1 latency was several times higher.
+# **Takeaway.** Batch 1 is a floor of launches and dependent memory round trips (8-10 µs on the
+# H200 of the committed run); programmatic dependent launch (the expand reading `B` while the shrink
+# runs) and a wide split-K keep it low. Batch 64 Distinct must in addition stream 64 adapters, so the
+# ratio has a floor printed above: at rank 32 and 64 with h2 = 11008 it is above 2 (the bytes alone
+# take longer than one more batch-1 latency), so "≤ 2×" is only physically possible at rank 16, and
+# there this kernel reaches about 30% of copy bandwidth (h2 = 11008: ratio ≈ 2.7 against a floor of
+# ≈ 1.8; h2 = 4096: ≈ 1.9, met). The sweep also tried two other expand forms — programs walking runs
+# of N tiles with the next tile prefetched, and a row-by-row CUDA-core kernel whose programs hold one
+# weight tile instead of a 16-row tensor-core tile — and kept whichever measured fastest per shape:
+# at h2 = 11008 none beat the one-tile-per-program expand (the run's `trials` list every timing), so
+# what limits batch 64 there is not the expand's register footprint. The marginal bandwidth of the
+# expand (printed above, from the two output widths) grows with the rank, i.e. with the bytes each
+# program has in flight (a rank-16 weight tile is 16 rows of a few hundred bytes): at rank 16 the
+# stream runs at about half of copy bandwidth, which is the gap between the measured ratio and its
+# floor. The rank-64 read reaches ~60% of the datasheet HBM bandwidth. Flatness across popularities is bounded the same way (claim 4
+# above): Distinct reads 64 adapters where Identical reads one. The paper's A100 kernel was flat
+# partly because its batch-1 latency was several times higher.
 
 # %%
 if RES is not None and MODE is not None:

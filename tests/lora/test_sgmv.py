@@ -232,3 +232,50 @@ def test_sgmv_config_table():
         assert (lora_sgmv(x, A, B, scale, seg) - lora_ref(x, A, B, scale, [2, 0, 3])).abs().max() <= 1e-4
     finally:
         set_sgmv_configs(None)
+
+
+@pytest.mark.parametrize("variant,reduce,R,popularity", [
+    ({"expand_per_sm": 20.0}, "workspace", 16, "distinct"), ({"expand_per_sm": 3.0}, "atomic", 64, "skewed"),
+    ({"expand_per_sm": 0.5}, "serial", 8, "identical"), ({"expand_rows": 1}, "workspace", 32, "distinct"),
+    ({"expand_rows": 1}, "atomic", 64, "distinct"), ({"expand_rows": 16}, "serial", 16, "skewed"),
+    ({"expand_rows": 16}, "workspace", 8, "uniform")])
+def test_lora_sgmv_expand_variants(variant, reduce, R, popularity):
+    """The expand's two other forms: programs walking a run of N tiles (``expand_per_sm``; runs that
+    end inside a tile and a last, shorter run) and the row-by-row kernel (``expand_rows``; tiles of
+    one row and of many), over unsorted rows, split-K reductions and rows without an adapter."""
+    from mlsys24.lora.sgmv import SGMVConfig
+
+    N, K, H = 9, 40, 83
+    A, B, scale = pools(9, K, R, H, torch.float32, seed=R + 1)
+    slots = slots_for(popularity, N, 9, seed=R)
+    slots[2] = -1
+    x = torch.randn(N, K)
+    ref = lora_ref(x, A, B, scale, slots)
+    seg = segments_from_slots(slots)
+    cfg = SGMVConfig(block_k=16, block_n=16, rows_block_n=32, reduce=reduce, **variant)
+    y0 = torch.randn(N, H)
+    for split in (1, 5):
+        got = lora_sgmv(x, A, B, scale, seg, y=y0.clone(), config=cfg, split_k=split)
+        assert (got - (y0 + ref)).abs().max() <= 1e-4, (split, variant, reduce)
+    # fp16 weights and output (the GPU's case): fp32 v, TF32 / fp32 products
+    A16, B16, x16 = A.half(), B.half(), x.half()
+    ref16 = lora_ref(x16, A16, B16, scale, slots)
+    got = lora_sgmv(x16, A16, B16, scale, seg, config=cfg, split_k=3)
+    assert rel_err(got, ref16) <= TOL[torch.float16]
+    # rows already grouped by adapter (no row index), Punica's indptr form
+    lens = popularity_segments(N, popularity)
+    indptr = np.concatenate([[0], np.cumsum(lens)]).tolist()
+    seg_c = segments_from_indptr(indptr, list(range(len(lens))))
+    ref_c = lora_ref(x, A, B, scale, np.repeat(np.arange(len(lens)), lens))
+    got = lora_sgmv(x, A, B, scale, seg_c, config=cfg, split_k=2)
+    assert not seg_c.has_rows and (got - ref_c).abs().max() <= 1e-4
+
+
+def test_expand_split_covers_n():
+    """Runs of N tiles: every column in exactly one program, each run a whole number of tiles."""
+    from mlsys24.lora.sgmv import _expand_split
+
+    for H, bn, cap, eps in [(83, 16, 3, 2.0), (11008, 128, 64, 4.0), (4096, 256, 1, 8.0), (7, 16, 5, 1.0)]:
+        grid, per = _expand_split(H, bn, cap, torch.device("cpu"), eps)
+        assert per % bn == 0 and grid * per >= H > (grid - 1) * per
+    assert _expand_split(83, 16, 3, torch.device("cpu"), 0.0) == (6, 16)

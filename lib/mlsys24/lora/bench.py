@@ -6,7 +6,8 @@
    popularities): ``dense`` (the backbone ``X @ W``, cuBLAS), ``loop``, ``gather_bmm``, ``bgmv``,
    ``sgmv`` (each LoRA provider computes ``y += s * (x A) B`` for all rows). Median of CUDA-event
    timings with the L2 flushed (``mlsys24.bench.measure``). SGMV's launch config (split-K reduction,
-   programmatic dependent launch, split count, K step, N tile, warps) is searched per (h2, r) at
+   programmatic dependent launch, split count, K step, the expand's form — one N tile per program,
+   runs of N tiles, or row-by-row for one-row tiles —, N tile, warps) is searched per (h2, r) at
    1, 8 and 64 Distinct adapters; the table is installed (``set_sgmv_configs``) so every SGMV timing
    after it, and the serving runs, use what was measured (nearest tile count); every trial is
    checked against the float32 reference. BGMV's split-K / N tile are tuned at batch 64 Distinct. Every provider is also
@@ -110,8 +111,10 @@ def _rel_err(out, ref) -> float:
 
 def _tune_sgmv(x, A, B, scale, seg, y, ref, repeats, device, mode, deadline=None) -> tuple[SGMVConfig, float, list]:
     """Coordinate search of SGMV's launch config at one (shape, batch): the split-K reduction
-    (workspace / serial / atomics) x programmatic dependent launch, then split-K x K step, then the
-    expand's N tile and warps. Every trial is checked against the float32 reference first (a wrong config is rejected)."""
+    (workspace / serial / atomics) x programmatic dependent launch; the expand's form (one program
+    per N tile, or runs of tiles per program; the row-by-row kernel for one-row tiles), N tile and
+    warps; split-K x K step; warps again. Every trial is checked against the float32 reference first
+    (a wrong config is rejected)."""
     R = A.shape[2]
     trials: list[dict] = []
 
@@ -142,17 +145,26 @@ def _tune_sgmv(x, A, B, scale, seg, y, ref, repeats, device, mode, deadline=None
             best, best_cfg = t, cfg
 
     stage = best_cfg
-    for red in ("workspace", "serial", "atomic"):
-        for pdl in (False, True):
-            consider(replace(stage, reduce=red, pdl=pdl))
+    for red, pdl in (("workspace", True), ("serial", True), ("atomic", True), ("atomic", False)):
+        consider(replace(stage, reduce=red, pdl=pdl))
+    # the expand: one program per N tile, or programs walking runs of tiles (fewer, longer programs)
     stage = best_cfg
-    for pps in (0.125, 0.5, 1, 2, 4, 8):  # 16 .. 1056 shrink programs on a 132-SM GPU
+    for eps in (0.0, 2, 8):
+        for bn in ((64, 128, 256) if eps == 0 else (64, 128)):
+            for nw in ((4, 8) if eps == 0 else (4,)):
+                consider(replace(stage, expand_per_sm=eps, block_n=bn, num_warps=nw))
+    # decode batches (tiles of one row): the row-by-row expand
+    if seg.max_tile_rows == 1:
+        stage = best_cfg
+        for bn in ((128, 256, 512) if R <= 32 else (64, 128)):
+            consider(replace(stage, expand_rows=1, rows_block_n=bn))
+    stage = best_cfg
+    for pps in (0.5, 1, 2, 4, 8):  # 66 .. 1056 shrink programs on a 132-SM GPU
         for bk in ((64, 128, 256) if R <= 32 else (32, 64, 128)):
             consider(replace(stage, programs_per_sm=pps, block_k=bk))
     stage = best_cfg
-    for bn in (64, 128, 256):
-        for nw in (4, 8):
-            consider(replace(stage, block_n=bn, num_warps=nw))
+    for nw in (4, 8):
+        consider(replace(stage, num_warps=nw))
     return best_cfg, best, trials
 
 
@@ -491,7 +503,7 @@ def run(args) -> str:
     path = save()
     log(f"saved {path}")
     from .report import gpu_claims
-    for name, c in gpu_claims(records).items():
+    for name, c in gpu_claims(records, copy_GBps=config.get("copy_GBps")).items():
         log(f"claim {name}: " + ("not measured" if c is None else
                                  f"{c['value']:.3g} (target {c['target']}) {'OK' if c['ok'] else 'MISSED'} · {c['detail']}"))
     return str(path)

@@ -16,8 +16,11 @@ Punica computes (1) as two SGMV calls over *segments*, runs of rows that share a
   per-tile arrival counter), or added with fp32 atomics into a zeroed ``v`` (``"atomic"``, what
   :func:`sgmv_shrink` does);
 - **expand** ``y += s * v @ B[slot]`` (r -> h2): K = r is tiny, N = h2 is large, so the grid is
-  one program per (segment tile, N tile). With programmatic dependent launch (Hopper) it starts
-  while the shrink runs: its ``B`` tile and ``y`` are read before it waits for ``v``.
+  one program per (segment tile, N tile), or per (segment tile, run of N tiles) when programs walk
+  several tiles (``expand_per_sm``); tiles of one row (decode, distinct adapters) may instead take a
+  row-by-row matrix-vector kernel on CUDA cores (``expand_rows``), whose programs hold one weight
+  tile rather than a 16-row tensor-core tile. With programmatic dependent launch (Hopper) the
+  expand starts while the shrink runs: its ``B`` tile and ``y`` are read before it waits for ``v``.
 
 :class:`SGMVConfig` holds these choices; :func:`sgmv_config` returns the one measured best for a
 shape and tile count by the GPU benchmark (installed with :func:`set_sgmv_configs`), else a default.
@@ -115,6 +118,12 @@ class Segments:
     @property
     def n_segments(self) -> int:
         return len(self.seg_slot)
+
+    @property
+    def max_tile_rows(self) -> int:
+        """Rows of the fullest tile (0: no tiles)."""
+        lens = np.diff(self.seg_indptr)
+        return int(min(self.block_m, lens.max())) if len(lens) else 0
 
     def slot_per_row(self) -> np.ndarray:
         """Slot of each row of x (-1: no adapter)."""
@@ -281,17 +290,23 @@ def _sgmv_shrink_kernel(x_ptr, w_ptr, v_ptr, table_ptr, count_ptr, n_rows, capac
             tl.store(out, tl.load(out, mask=mask, other=0.0) + acc, mask=mask)
 
 
-@triton.jit(do_not_specialize=["n_rows", "capacity", "n_splits"])
-def _sgmv_expand_kernel(v_ptr, w_ptr, y_ptr, scale_ptr, table_ptr, n_rows, capacity, N, R, n_splits,
+@triton.jit(do_not_specialize=["n_rows", "capacity", "n_splits", "n_per_prog"])
+def _sgmv_expand_kernel(v_ptr, w_ptr, y_ptr, scale_ptr, table_ptr, n_rows, capacity, N, R, n_splits, n_per_prog,
                         stride_vs, stride_vm, stride_vr, stride_ws, stride_wr, stride_wn, stride_ym, stride_yn,
                         HAS_ROWS: tl.constexpr, HAS_SCALE: tl.constexpr, BLOCK_M: tl.constexpr,
                         BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_CHUNK: tl.constexpr,
-                        PRECISION: tl.constexpr, WAIT_PRIOR: tl.constexpr):
-    """y[rows of tile, n-tile] += scale[slot] * (sum_s v[s, rows, :]) @ w[slot, :, n-tile]   (fp32 accumulation).
+                        PRECISION: tl.constexpr, WAIT_PRIOR: tl.constexpr, N_LOOP: tl.constexpr):
+    """y[rows of tile, n-range] += scale[slot] * (sum_s v[s, rows, :]) @ w[slot, :, n-range]   (fp32 accumulation).
 
     ``v`` is ``n_splits`` fp32 partial products (the shrink's workspace; 1 split = a plain ``v``).
     The weight tile and ``y`` do not depend on the shrink, so they are loaded first; with WAIT_PRIOR
-    (programmatic dependent launch) only the read of ``v`` waits for the shrink kernel to finish."""
+    (programmatic dependent launch) only the read of ``v`` waits for the shrink kernel to finish.
+
+    N_LOOP False: the program's n-range is one ``BLOCK_N`` tile. N_LOOP True: it is ``n_per_prog``
+    columns, walked ``BLOCK_N`` at a time with the next tile's ``w`` and ``y`` loads issued before
+    the current tile's product (a register double buffer). Fewer, longer programs: the table load,
+    the wait and the ``v`` sum are paid once per program instead of once per tile, and small tiles
+    keep registers low, so many programs stay resident and keep weight reads in flight."""
     tile = tl.program_id(0)
     nb = tl.program_id(1)
     start = tl.load(table_ptr + n_rows + tile)
@@ -306,13 +321,18 @@ def _sgmv_expand_kernel(v_ptr, w_ptr, y_ptr, scale_ptr, table_ptr, n_rows, capac
             rows = pos.to(tl.int64)
         offs_r = tl.arange(0, BLOCK_R)
         r_mask = offs_r < R
-        offs_n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_mask = offs_n < N
-        wt = tl.load(w_ptr + slot * stride_ws + offs_r[:, None] * stride_wr + offs_n[None, :] * stride_wn,
-                     mask=r_mask[:, None] & n_mask[None, :], other=0.0).to(tl.float32)   # [BLOCK_R, BLOCK_N]
-        out = y_ptr + rows[:, None] * stride_ym + offs_n[None, :] * stride_yn
-        mask = m_mask[:, None] & n_mask[None, :]
-        yv = tl.load(out, mask=mask, other=0.0)
+        if N_LOOP:
+            n_lo = nb * n_per_prog
+            n_hi = tl.minimum(n_lo + n_per_prog, N)
+        else:
+            n_lo = nb * BLOCK_N
+            n_hi = N
+        offs_n = n_lo + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < n_hi
+        w_base = w_ptr + slot * stride_ws + offs_r[:, None] * stride_wr
+        y_base = y_ptr + rows[:, None] * stride_ym
+        wt = tl.load(w_base + offs_n[None, :] * stride_wn, mask=r_mask[:, None] & n_mask[None, :], other=0.0)
+        yv = tl.load(y_base + offs_n[None, :] * stride_yn, mask=m_mask[:, None] & n_mask[None, :], other=0.0)
         if HAS_SCALE:
             s = tl.load(scale_ptr + slot)
         if WAIT_PRIOR:
@@ -327,10 +347,92 @@ def _sgmv_expand_kernel(v_ptr, w_ptr, y_ptr, scale_ptr, table_ptr, n_rows, capac
             part = tl.load(vptr + sp[:, None, None] * stride_vs, mask=vmask & (sp < n_splits)[:, None, None],
                            other=0.0)                                                   # [CHUNK, BLOCK_M, BLOCK_R]
             vt += tl.sum(part, axis=0)
-        acc = tl.dot(vt, wt, input_precision=PRECISION)
+        if N_LOOP:
+            for n0 in range(n_lo, n_hi, BLOCK_N):
+                offs_c = n0 + tl.arange(0, BLOCK_N)
+                offs_x = offs_c + BLOCK_N                                               # the next tile
+                x_mask = offs_x < n_hi
+                wt_x = tl.load(w_base + offs_x[None, :] * stride_wn, mask=r_mask[:, None] & x_mask[None, :],
+                               other=0.0)
+                yv_x = tl.load(y_base + offs_x[None, :] * stride_yn, mask=m_mask[:, None] & x_mask[None, :],
+                               other=0.0)
+                acc = tl.dot(vt, wt.to(tl.float32), input_precision=PRECISION)        # [BLOCK_M, BLOCK_N]
+                if HAS_SCALE:
+                    acc = acc * s
+                tl.store(y_base + offs_c[None, :] * stride_yn, (yv.to(tl.float32) + acc).to(yv.dtype),
+                         mask=m_mask[:, None] & (offs_c < n_hi)[None, :])
+                wt = wt_x
+                yv = yv_x
+        else:
+            acc = tl.dot(vt, wt.to(tl.float32), input_precision=PRECISION)
+            if HAS_SCALE:
+                acc = acc * s
+            tl.store(y_base + offs_n[None, :] * stride_yn, (yv.to(tl.float32) + acc).to(yv.dtype),
+                     mask=m_mask[:, None] & n_mask[None, :])
+
+
+@triton.jit(do_not_specialize=["n_rows", "capacity", "n_splits"])
+def _sgmv_expand_rows_kernel(v_ptr, w_ptr, y_ptr, scale_ptr, table_ptr, n_rows, capacity, N, R, n_splits,
+                             stride_vs, stride_vm, stride_vr, stride_ws, stride_wr, stride_wn, stride_ym, stride_yn,
+                             HAS_ROWS: tl.constexpr, HAS_SCALE: tl.constexpr, BLOCK_R: tl.constexpr,
+                             BLOCK_N: tl.constexpr, SPLIT_CHUNK: tl.constexpr, WAIT_PRIOR: tl.constexpr):
+    """The expand as matrix-vector products, one row of the tile at a time (CUDA cores, fp32):
+    ``y[row, n-tile] += scale[slot] * sum_r v[row, r] * w[slot, r, n-tile]``.
+
+    For decode batches of distinct adapters (tiles of one row) the tensor-core tile of
+    :func:`_sgmv_expand_kernel` is 16 rows of which one is live, and its registers cap how many
+    programs an SM holds; here a program holds only the ``[BLOCK_R, BLOCK_N]`` weight tile (loaded
+    before the wait for the shrink) and one row, so many more weight reads stay in flight. The next
+    row's ``y`` and ``v`` are loaded before the current row's product."""
+    tile = tl.program_id(0)
+    nb = tl.program_id(1)
+    start = tl.load(table_ptr + n_rows + tile)
+    end = tl.load(table_ptr + n_rows + capacity + tile)
+    slot = tl.load(table_ptr + n_rows + 2 * capacity + tile).to(tl.int64)
+    if end > start:
+        offs_r = tl.arange(0, BLOCK_R)
+        r_mask = offs_r < R
+        offs_n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < N
+        wt = tl.load(w_ptr + slot * stride_ws + offs_r[:, None] * stride_wr + offs_n[None, :] * stride_wn,
+                     mask=r_mask[:, None] & n_mask[None, :], other=0.0).to(tl.float32)  # [BLOCK_R, BLOCK_N]
+        if HAS_ROWS:
+            row = tl.load(table_ptr + start).to(tl.int64)
+        else:
+            row = start.to(tl.int64)
+        yv = tl.load(y_ptr + row * stride_ym + offs_n * stride_yn, mask=n_mask, other=0.0)
         if HAS_SCALE:
-            acc = acc * s
-        tl.store(out, (yv.to(tl.float32) + acc).to(yv.dtype), mask=mask)
+            s = tl.load(scale_ptr + slot)
+        if WAIT_PRIOR:
+            tl.extra.cuda.gdc_wait()
+        offs_s = tl.arange(0, SPLIT_CHUNK)
+        vrow = tl.zeros([BLOCK_R], dtype=tl.float32)
+        for s0 in range(0, n_splits, SPLIT_CHUNK):
+            sp = s0 + offs_s
+            part = tl.load(v_ptr + row * stride_vm + sp[:, None] * stride_vs + offs_r[None, :] * stride_vr,
+                           mask=(sp < n_splits)[:, None] & r_mask[None, :], other=0.0)   # [CHUNK, BLOCK_R]
+            vrow += tl.sum(part, axis=0)
+        for i in range(start, end):
+            # the next row's y and v (a row past the tile is masked off)
+            more = i + 1 < end
+            if HAS_ROWS:
+                row_x = tl.load(table_ptr + i + 1, mask=more, other=0).to(tl.int64)
+            else:
+                row_x = row + 1
+            yv_x = tl.load(y_ptr + row_x * stride_ym + offs_n * stride_yn, mask=n_mask & more, other=0.0)
+            vrow_x = tl.zeros([BLOCK_R], dtype=tl.float32)
+            for s0 in range(0, n_splits, SPLIT_CHUNK):
+                sp = s0 + offs_s
+                part = tl.load(v_ptr + row_x * stride_vm + sp[:, None] * stride_vs + offs_r[None, :] * stride_vr,
+                               mask=(sp < n_splits)[:, None] & r_mask[None, :] & more, other=0.0)
+                vrow_x += tl.sum(part, axis=0)
+            acc = tl.sum(vrow[:, None] * wt, axis=0)                                    # [BLOCK_N]
+            if HAS_SCALE:
+                acc = acc * s
+            tl.store(y_ptr + row * stride_ym + offs_n * stride_yn, (yv.to(tl.float32) + acc).to(yv.dtype), mask=n_mask)
+            row = row_x
+            yv = yv_x
+            vrow = vrow_x
 
 
 @triton.jit(do_not_specialize=["k_per_split"])
@@ -438,6 +540,11 @@ class SGMVConfig:
     pdl: bool = False             # programmatic dependent launch of the expand (Hopper+): its B / y loads overlap the shrink
     num_warps: int = 4
     max_split: int = 64
+    expand_per_sm: float = 0.0    # expand: 0 = one program per (tile, block_n columns); > 0 = each program walks a run
+    #                               of block_n tiles, ~expand_per_sm x SMs programs in all (at least one tile each)
+    expand_rows: int = 0          # expand: when no tile has more rows than this, the row-by-row kernel (0: never;
+    #                               decided on the host from the tile table at launch; correct for any tiles)
+    rows_block_n: int = 256       # expand, row-by-row kernel: output columns per program
 
     def as_dict(self) -> dict:
         return dict(vars(self))
@@ -551,7 +658,19 @@ def _launch_shrink(v, x, w, seg, block_k, n_splits, per, out_mode, launch_depend
             PRECISION=_precision(x.dtype), LAUNCH_DEPENDENTS=launch_dependents, **kw)
 
 
-def _launch_expand(y, v, w, seg, scale, block_n, wait_prior=False, num_warps=4):
+def _expand_split(H: int, block_n: int, capacity: int, device, expand_per_sm: float) -> tuple[int, int]:
+    """(programs along N, columns per program) of the expand: one ``block_n`` tile per program when
+    ``expand_per_sm`` is 0, else runs of tiles so that ``capacity x programs ~ expand_per_sm x SMs``."""
+    n_tiles = triton.cdiv(H, block_n)
+    if expand_per_sm <= 0:
+        return n_tiles, block_n
+    chunks = max(1, min(n_tiles, math.ceil(expand_per_sm * _n_sms(device) / max(1, capacity))))
+    per = triton.cdiv(n_tiles, chunks) * block_n
+    return triton.cdiv(H, per), per
+
+
+def _launch_expand(y, v, w, seg, scale, block_n, wait_prior=False, num_warps=4, expand_per_sm=0.0, expand_rows=0,
+                   rows_block_n=256):
     R, H = w.shape[1], w.shape[2]
     n_splits = v.shape[0] if v.dim() == 3 else 1
     stride_vs = v.stride(0) if v.dim() == 3 else 0
@@ -562,13 +681,23 @@ def _launch_expand(y, v, w, seg, scale, block_n, wait_prior=False, num_warps=4):
     kw = {"num_warps": num_warps} if not INTERPRET else {}
     if wait_prior:
         kw["launch_pdl"] = True
+    if 0 < seg.max_tile_rows <= expand_rows:
+        block_n = min(_pow2(H, 16), rows_block_n)
+        with _launch():
+            _sgmv_expand_rows_kernel[(seg.capacity, triton.cdiv(H, block_n))](
+                v, w, y, scale if has_scale else v, seg.table, seg.n_rows, seg.capacity, H, R, n_splits,
+                stride_vs, vm, vr, w.stride(0), w.stride(1), w.stride(2), y.stride(0), y.stride(1),
+                HAS_ROWS=seg.has_rows, HAS_SCALE=has_scale, BLOCK_R=block_r, BLOCK_N=block_n,
+                SPLIT_CHUNK=_split_chunk(1, block_r, n_splits), WAIT_PRIOR=wait_prior, **kw)
+        return
+    grid_n, n_per = _expand_split(H, block_n, seg.capacity, y.device, expand_per_sm)
     with _launch():
-        _sgmv_expand_kernel[(seg.capacity, triton.cdiv(H, block_n))](
-            v, w, y, scale if has_scale else v, seg.table, seg.n_rows, seg.capacity, H, R, n_splits,
+        _sgmv_expand_kernel[(seg.capacity, grid_n)](
+            v, w, y, scale if has_scale else v, seg.table, seg.n_rows, seg.capacity, H, R, n_splits, n_per,
             stride_vs, vm, vr, w.stride(0), w.stride(1), w.stride(2), y.stride(0), y.stride(1),
             HAS_ROWS=seg.has_rows, HAS_SCALE=has_scale, BLOCK_M=seg.block_m, BLOCK_R=block_r, BLOCK_N=block_n,
             SPLIT_CHUNK=_split_chunk(seg.block_m, block_r, n_splits), PRECISION=_precision(y.dtype),
-            WAIT_PRIOR=wait_prior, **kw)
+            WAIT_PRIOR=wait_prior, N_LOOP=expand_per_sm > 0, **kw)
 
 
 def sgmv_shrink(v: torch.Tensor, x: torch.Tensor, w: torch.Tensor, seg: Segments, *, split_k: int | None = None,
@@ -592,10 +721,12 @@ def sgmv_shrink(v: torch.Tensor, x: torch.Tensor, w: torch.Tensor, seg: Segments
 
 
 def sgmv_expand(y: torch.Tensor, v: torch.Tensor, w: torch.Tensor, seg: Segments, scale: torch.Tensor | None = None,
-                *, block_n: int | None = None) -> torch.Tensor:
+                *, block_n: int | None = None, expand_per_sm: float = 0.0, expand_rows: int = 0) -> torch.Tensor:
     """``y[seg rows] += scale[slot] * v[seg rows] @ w[slot]``: y ``[N, H]``, v ``[N, R]`` fp32, w ``[n_slots, R, H]``.
 
-    ``v`` may also be ``[splits, N, R]`` fp32 partial sums (added up by the kernel)."""
+    ``v`` may also be ``[splits, N, R]`` fp32 partial sums (added up by the kernel). ``expand_per_sm``
+    > 0: each program walks a run of ``block_n`` tiles; ``expand_rows``: tiles of at most that many rows
+    take the row-by-row kernel (see :class:`SGMVConfig`)."""
     _check_pool(w, "w")
     N, R = v.shape[-2:]
     H = w.shape[2]
@@ -608,7 +739,8 @@ def sgmv_expand(y: torch.Tensor, v: torch.Tensor, w: torch.Tensor, seg: Segments
         raise ValueError(f"expand input width {R} > 128 is not supported")
     if seg.capacity == 0:
         return y
-    _launch_expand(y, v, w, seg, scale, block_n or _default_sgmv_config(R).block_n)
+    bn = block_n or _default_sgmv_config(R).block_n
+    _launch_expand(y, v, w, seg, scale, bn, expand_per_sm=expand_per_sm, expand_rows=expand_rows, rows_block_n=bn)
     return y
 
 
@@ -655,7 +787,8 @@ def lora_sgmv(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: torch.Te
     else:
         v = torch.empty(n_splits, N, R, dtype=torch.float32, device=x.device)
         _launch_shrink(v, x, A, seg, bk, n_splits, per, out_mode=0, launch_dependents=pdl, num_warps=cfg.num_warps)
-    _launch_expand(y, v, B, seg, scale, block_n or cfg.block_n, wait_prior=pdl, num_warps=cfg.num_warps)
+    _launch_expand(y, v, B, seg, scale, block_n or cfg.block_n, wait_prior=pdl, num_warps=cfg.num_warps,
+                   expand_per_sm=cfg.expand_per_sm, expand_rows=cfg.expand_rows, rows_block_n=cfg.rows_block_n)
     return y
 
 
