@@ -17,9 +17,11 @@
 #     headline: 'Paper: W4A4-KV4 Llama-7B serving up to 7.73x FP16 throughput (RTX 4090,
 #       INT4 MMA), WikiText-2 PPL 5.68 -> ~6.2. Ours (tiny Llama, 8 injected outlier
 #       channels): RTN W4A4 PPL 71.0 vs Atom 2.37 (FP 2.33); Triton W4A4/INT8-MMA GEMM
-#       and KV4 attention exact vs integer references; H200: our W4A4 GEMM 0.57-0.68x
-#       cuBLAS fp16 at M >= 512 (target 1.0x NOT reproduced; cuBLAS INT8 itself is 0.85-1.2x),
-#       KV4 attention 0.78x SDPA, kernel-composed serving estimate 0.88x FP16 (NOT reproduced)'
+#       and KV4 attention exact vs integer references; H200: served decode throughput
+#       at equal memory (4 Llama-7B-shaped layers, 3 GB = 24 GB x 4/32) 2.65x FP16 (batch
+#       143 vs 20; all from memory, 0.9x at equal batch); W4A4 GEMM 0.57-0.69x cuBLAS
+#       fp16 at M >= 512 (1.0x NOT reproduced; no INT4 MMA on Hopper); KV4 attention
+#       1.25x fp16'
 #     paper: '14'
 #     slug: atom
 #     status: partial
@@ -69,7 +71,7 @@ EVAL_WINDOW = 256             # perplexity window (bytes), stride 3/4 of it
 RUN_KERNEL_CHECK = True       # run the Triton kernels (interpreter on CPU) against their references
 MODEL_PATH = None             # an HF Llama directory instead of the tiny Llama
 BENCH = "auto"                # GPU numbers: "auto" (live quick bench on a GPU, else the results JSON), "json", "skip"
-GPU_SPEC = "H100"             # memory model: the 80 GB GPU of the serving estimate ("H100" or "RTX4090")
+GPU_SPEC = "H100"             # memory model of the explorer: "H100" (80 GB) or "RTX4090" (24 GB)
 THREADS = 2                   # torch CPU threads
 SEED = 0                      # calibration windows and outlier injection
 INTERACTIVE = True            # build the ipywidgets explorer at the end
@@ -94,9 +96,13 @@ import os
 import time
 from dataclasses import replace
 
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")   # no GPU: the Triton kernels run in the CPU interpreter
+
 import numpy as np
 import plotly.graph_objects as go
-import torch
 from plotly.subplots import make_subplots
 
 from mlsys24 import viz
@@ -348,8 +354,41 @@ if RUN_KERNEL_CHECK:
           f"(packed activations {tuple(raw_out[0].shape)} int8, groups {raw_out[1].shape[1]})")
 
 # %% [markdown]
+# (c) the 4-bit KV cache: a Triton append kernel quantizes each new token's K and V (asymmetric INT4 per
+# token per head) straight into its cache slot, and the split-KV decode attention reads the packed codes,
+# folding each token's step δ and zero z out of the dot products (`q·k = δ(q·c − z Σq)`,
+# `Σ p v = Σ (pδ) c − Σ pδz`). Checked on 2 rows x 2 heads x 40 slots, head_dim 64: the plain fp32 path and
+# the GPU's path (fp16 tensor-core dots, nibbles to fp16 by the exponent trick), both against the reference.
+
+# %%
+if RUN_KERNEL_CHECK:
+    from mlsys24.quant.w4a4 import append_kv4, decode_attention_kv4, decode_attention_kv4_ref, pack_kv4
+
+    _g = torch.Generator().manual_seed(SEED)
+    _q = torch.randn(2, 2, 64, generator=_g)                                        # [B, H, d]
+    _k, _v = (torch.randn(2, 40, 2, 64, generator=_g) for _ in range(2))             # [B, S, KV, d]
+    cache = [*pack_kv4(_k), *pack_kv4(_v)]                                          # k4, kd, kz, v4, vd, vz
+    pos = torch.tensor([17, 39], dtype=torch.int32)                                 # next slot of each row
+    _kn, _vn = torch.randn(2, 2, 64, generator=_g), torch.randn(2, 2, 64, generator=_g)
+    append_kv4(_kn, _vn, pos, *cache)
+    kref, vref = pack_kv4(_kn[:, None]), pack_kv4(_vn[:, None])
+    assert all(torch.equal(cache[i][b, int(pos[b])], kref[i][b, 0]) and
+               torch.equal(cache[3 + i][b, int(pos[b])], vref[i][b, 0]) for i in range(3) for b in range(2)), \
+        "KV4 append kernel != reference quantizer"
+    att_ref = decode_attention_kv4_ref(_q, *cache, pos + 1)
+    ATT_ERR = float((decode_attention_kv4(_q, *cache, pos + 1, block_s=16, num_splits=2) - att_ref).abs().max())
+    att_tc = decode_attention_kv4(_q, *cache, pos + 1, block_s=16, use_dot=True, magic=True)
+    ATT_ERR_TC = float((att_tc - att_ref).abs().max() / att_ref.abs().max())
+    assert ATT_ERR < 1e-4, f"KV4 attention (fp32 path) differs from the reference: {ATT_ERR:.2e}"
+    assert ATT_ERR_TC < 1e-2, f"KV4 attention (fp16 tensor-core path) differs from the reference: {ATT_ERR_TC:.2e}"
+    print(f"KV4 append: codes, steps and zeros identical to the reference quantizer; attention vs reference: max abs "
+          f"err {ATT_ERR:.1e} (fp32, 2 splits), rel err {ATT_ERR_TC:.1e} (fp16 tensor-core path: q and p·δ rounded "
+          f"to fp16)")
+
+# %% [markdown]
 # **Takeaway.** The packed kernels compute exactly what the fake-quant pipeline simulates: same codes, same
-# scales, and a GEMM equal to the integer reference up to fp32 accumulation order.
+# scales, a GEMM equal to the integer reference up to fp32 accumulation order, and a 4-bit KV cache whose
+# append and attention match the reference quantizer and dequantized attention.
 #
 # ## 4. Back-of-envelope: memory, batch size, and where the speed-up comes from
 #
@@ -437,7 +476,6 @@ if GPU_RES is not None:
                 ("int8_mm", "INT8 torch._int_mm (no dequant; M=16 padded to 32)", "#2ca02c", "solid"),
                 ("w4a4", "ours: Triton W4A4 + INT8 outliers (int8 MMA), packed activations", viz.color("atom"),
                  "solid"),
-                ("w4a4_a8c", "ours, activation codes one per byte", viz.color("atom"), "dash"),
                 ("w4a4_no_dequant", "ours without the per-group dequantization (timing diagnostic)", "#7f7f7f",
                  "dot")):
             pts = sorted((r["M"], r["TFLOPs_eff"]) for r in recs if r["shape"] == s and r["provider"] == prov)
@@ -448,41 +486,62 @@ if GPU_RES is not None:
     fig.update_layout(legend=dict(y=1.16))
     fig.update_yaxes(title_text="effective TFLOP/s (2MNK / time)", row=1, col=1)
     viz.caption(fig, GPU_RES.caption() + "<br>CUDA graphs, L2 flushed; W4A4: G=128, 128 INT8 outlier channels, "
-                "fp16 out, tile tuned in the run (M=32 and M=1024); Hopper has no INT4 MMA (int4 unpacked to int8 "
+                "fp16 out, tile tuned in the run (M=32, 256, 1024); Hopper has no INT4 MMA (int4 unpacked to int8 "
                 "in registers). GEMM only: the activation-quantize kernel is in the table.")
     viz.save(fig, SLUG, "gemm_throughput")
     fig.show()
+
     def _rec(shape, M, prov):
         return next((c for c in recs if c["shape"] == shape and c["M"] == M and c["provider"] == prov), None)
 
     nan = float("nan")
-    print(f"{'shape':8s} {'M':>5s} {'fp16 µs':>8s} {'int8 µs':>8s} {'W4A4 µs':>8s} {'quant µs':>8s} {'a8c µs':>8s} "
-          f"{'no-dq µs':>8s} {'GEMM/fp16':>9s} {'+quant':>7s}")
+    print(f"{'shape':8s} {'M':>5s} {'fp16 µs':>8s} {'int8 µs':>8s} {'W4A4 µs':>8s} {'quant µs':>8s} "
+          f"{'no-dq µs':>8s} {'tile':>9s} {'GEMM/fp16':>9s} {'+quant':>7s}")
     for r in sorted((r for r in recs if r["provider"] == "w4a4"), key=lambda r: (r["shape"], r["M"])):
         f16, i8 = _rec(r["shape"], r["M"], "cublas_fp16"), _rec(r["shape"], r["M"], "int8_mm")
-        a8c, nodq = _rec(r["shape"], r["M"], "w4a4_a8c"), _rec(r["shape"], r["M"], "w4a4_no_dequant")
+        nodq = _rec(r["shape"], r["M"], "w4a4_no_dequant")
+        tile = f"{r['config']['block_m']}x{r['config']['block_n']}"
         print(f"{r['shape']:8s} {r['M']:5d} {f16['median_us']:8.1f} {i8['median_us'] if i8 else nan:8.1f} "
-              f"{r['median_us']:8.1f} {r.get('quant_us', nan):8.1f} {a8c['median_us'] if a8c else nan:8.1f} "
-              f"{nodq['median_us'] if nodq else nan:8.1f} {r['speedup_vs_fp16']:8.2f}x "
-              f"{r['speedup_vs_fp16_incl_quant']:6.2f}x")
-        if r["M"] >= 512:   # the better activation layout at this point
-            SPEEDUP_512[(r["shape"], r["M"])] = max(r["speedup_vs_fp16"], a8c["speedup_vs_fp16"] if a8c else 0.0)
+              f"{r['median_us']:8.1f} {r.get('quant_us', nan):8.1f} {nodq['median_us'] if nodq else nan:8.1f} "
+              f"{tile:>9s} {r['speedup_vs_fp16']:8.2f}x {r['speedup_vs_fp16_incl_quant']:6.2f}x")
+        if r["M"] >= 512:
+            SPEEDUP_512[(r["shape"], r["M"])] = r["speedup_vs_fp16"]
     I8_512 = [c["speedup_vs_fp16"] for c in recs if c["provider"] == "int8_mm" and c["M"] >= 512]
     if I8_512:
         print(f"cuBLAS INT8 (torch._int_mm, no dequantization) vs cuBLAS fp16 at M >= 512: "
               f"{min(I8_512):.2f}-{max(I8_512):.2f}x")
+    # where the time goes at M = 1024 (the tuned large tile): no-dequant diagnostic vs the real kernel
+    for s in shapes:
+        full, nodq, f16 = _rec(s, 1024, "w4a4"), _rec(s, 1024, "w4a4_no_dequant"), _rec(s, 1024, "cublas_fp16")
+        if full and nodq and f16:
+            print(f"{s:8s} M=1024: dequantization epilogue {100 * (1 - nodq['median_us'] / full['median_us']):4.1f} % "
+                  f"of the kernel; without it {nodq['TFLOPs_eff']:4.0f} TOPS = "
+                  f"{f16['median_us'] / nodq['median_us']:.2f}x fp16 ({nodq['pct_peak_compute']:.0f} % of the INT8 "
+                  f"MMA peak)")
+    for r in (r for r in recs if r["provider"] == "w4a4" and r.get("candidates")):
+        ok = sorted((c for c in r["candidates"] if "median_us" in c), key=lambda c: c["median_us"])
+        print(f"sweep {r['shape']:8s} M={r['M']:5d}: " + ", ".join(
+            f"{c['config']['block_m']}x{c['config']['block_n']} w{c['config']['num_warps']} s{c['config']['num_stages']}"
+            f"{' T' if c['config']['swap_ab'] else ''}{' noasm' if c['config']['use_asm'] is False else ''}"
+            f" {c['median_us']:.0f}" for c in ok))
 
 # %% [markdown]
 # **Takeaway.** (Read the numbers above; they come from the named GPU.) At M ≥ 512 the GEMM is
-# compute-bound. On the committed H200 run our W4A4 kernel reaches 0.57-0.68x cuBLAS fp16 (GEMM only;
-# 2.7x faster than the previous version of this kernel), while cuBLAS's own INT8 GEMM — no unpacking, no
-# dequantization — is only 0.85-1.2x fp16 there. Dropping the per-group dequantization (the diagnostic
-# curve, wrong numbers) recovers about a quarter of the time, as the bound in section 4 predicts; the rest of
-# the gap to `torch._int_mm` is the in-register unpack and Triton's INT8 MMA pipeline. Packed 4-bit
-# activations were as fast as or faster than one code per byte at every point: the unpack is cheap once it is a
-# bit operation per 32-bit word. The activation-quantize kernel (fused RMSNorm + reorder + quantize) costs
-# 13-80 µs at K = 4096 and up to 250 µs at K = 11008, M = 4096, and is reported apart ("+quant").
-# The official kernels' known issue on non-Ada GPUs is the same (efeslab/Atom#25).
+# compute-bound. On the committed H200 run our W4A4 kernel reaches 0.57-0.69x cuBLAS fp16 (GEMM only), while
+# cuBLAS's own INT8 GEMM — no unpacking, no dequantization — is 0.83-1.24x fp16 there. The tile sweep of
+# this run (64x128 … 128x256, 4 or 8 warps, 3-5 pipeline stages, swapped operands, plain vs inline-PTX
+# unpacking) moved nothing: the best tile stays 128x64 (64x128 for gate/up), within 1-2 % of the next
+# ones. Triton 3.6 documents its `warp_specialize` loop option as Blackwell-only, so it was not tried on
+# Hopper. Why ≥ 1.0x stays out of reach with INT8 MMA, in two measured parts: (1) the no-dequant diagnostic
+# (wrong numbers, one int32 accumulator) drops the per-group fp32 epilogue and is *still* only 0.82-0.95x
+# fp16 (575-700 TOPS, 29-35 % of the INT8 MMA peak) — the MMA pipeline itself is slow once the 4-bit
+# operands are unpacked in registers (our reading, not profiled: they then reach the tensor cores through
+# registers and shared memory rather than the asynchronous copies cuBLAS pipelines); (2) the epilogue costs
+# another 21-37 % of the kernel: about 4 CUDA-core ops per output element per group of 128 MACs, which is
+# section 4's bound of ~1.0x the FP16 peak even if it overlapped perfectly. The activation-quantize kernel
+# (fused RMSNorm + reorder + quantize) costs 12-80 µs at K = 4096 and up to 245 µs at K = 11008, M = 4096,
+# and is reported apart ("+quant"). The official kernels have the same known issue on non-Ada GPUs
+# (efeslab/Atom#25).
 
 # %%
 if GPU_RES is not None and SPEEDUP_512:
@@ -493,68 +552,147 @@ if GPU_RES is not None and SPEEDUP_512:
         assert worst >= 1.0
     else:
         print(f"NOT REPRODUCED: our W4A4 GEMM is {worst:.2f}x cuBLAS fp16 at some M >= 512 (< 1.0x target) on "
-              f"{GPU_RES.meta.get('device')} (INT8 MMA + CUDA-core dequantization; no INT4 MMA on Hopper; "
-              f"the no-overlap bound of section 4 is ~1.0x the FP16 peak)")
+              f"{GPU_RES.meta.get('device')} (INT8 MMA + in-register unpack + CUDA-core dequantization; no INT4 MMA "
+              f"on Hopper; the no-overlap bound of section 4 is ~1.0x the FP16 peak)")
     if worst < 1.3:
         print(f"goal 1.3x not met (min {worst:.2f}x)")
-    att = [r for r in GPU_RES.records if r.get("kind") == "attention" and "median_us" in r]
-    for B in sorted({r["B"] for r in att}):
-        a16 = next((r for r in att if r["B"] == B and r["provider"] == "sdpa_fp16_kv"), None)
-        a4 = next((r for r in att if r["B"] == B and r["provider"] == "kv4_ours"), None)
-        if a16 and a4:
-            print(f"decode attention B={B:4d}, ctx {a4['S']}: fp16-KV SDPA {a16['median_us']:8.1f} µs "
-                  f"({a16['GBps']:.0f} GB/s), ours KV4 {a4['median_us']:8.1f} µs ({a4['speedup_vs_fp16']:.2f}x; "
-                  f"{a4['GBps']:.0f} GB/s of 4-bit KV)")
 elif BENCH != "skip":
     print("skipped: GPU claim needs data/results/atom/<gpu>.json (`PYTHONPATH=lib python3 -m mlsys24.bench atom`)")
 
+# %%
+ATT = [r for r in GPU_RES.records if r.get("kind") == "attention" and "median_us" in r] if GPU_RES is not None else []
+for B in sorted({r["B"] for r in ATT}):
+    row = {r["provider"]: r for r in ATT if r["B"] == B}
+    a4 = row.get("kv4_ours")
+    if a4 is None:
+        continue
+    f16 = "  ".join(f"{p} {row[p]['median_us']:7.1f} µs ({row[p]['GBps']:.0f} GB/s)"
+                    for p in ("sdpa_fp16_kv", "flashdecoding_fp16_kv") if p in row)
+    print(f"decode attention B={B:4d}, ctx {a4['S']}: {f16} | ours KV4 {a4['median_us']:7.1f} µs "
+          f"({a4['speedup_vs_fp16']:.2f}x the faster fp16; {a4['GBps']:.0f} GB/s of 4-bit KV; "
+          f"{a4['impl']}, block {a4['block_s']}{', tensor cores' if a4['use_dot'] else ''}"
+          f"{', exponent-trick unpack' if a4['magic'] else ''})")
+if ATT:
+    print("batches skipped by the section's time budget: "
+          + (", ".join(str(r["B"]) for r in GPU_RES.records if r.get("kind") == "attention"
+                       and r.get("provider") == "skipped") or "none"))
+
 # %% [markdown]
-# ## 6. Serving throughput vs batch (estimate from the measured kernels)
+# **Takeaway.** The 4-bit KV attention is now faster than fp16 attention at every measured batch (≈1.0x at
+# B = 16, 1.2-1.25x at B ≥ 64 on the committed H200 run; the first version was 0.78x). What changed:
+# split-KV (FlashDecoding) parallelism; the scale and zero folded out of the dot products
+# (`q·k = δ(q·c − z Σq)`, `Σ p v = Σ (pδ) c − Σ pδz`), so the only per-element work is unpacking the
+# nibbles; both products on fp16 tensor cores; and the nibbles turned into fp16 with the exponent trick
+# (`bitcast(0x6400 | c) − 1024`). It still moves its 3.7x fewer bytes at about a third of HBM bandwidth:
+# unpacking remains the bottleneck, so the speed-up is 1.25x, not 3.7x.
 #
-# Not a served run: a decode step is composed of the measured kernels (32 layers x (7 GEMMs + 4
-# activation-quantize kernels + decode attention at a 1024-token context)), without norms, RoPE, sampling
-# and launch gaps. Each system is marked where its weights + KV cache stop fitting in 80 GB. A served
-# end-to-end run (continuous batching on a random-weight 7B-shaped model) is not done here: the claim
-# "≥ 2x FP16 at equal memory" is judged on this estimate and printed as NOT REPRODUCED when it misses.
+# ## 6. Served decode throughput at equal memory
+#
+# The paper's headline (7.73x FP16 on an RTX 4090) is a throughput at **equal memory**: W4 weights and a KV4
+# cache let a much larger batch fit. Measured here in one GPU run (`mlsys24.quant.atom_bench`, part 2):
+# a random-weight model with **4 Llama-7B-shaped layers** (d 4096, 32 heads x 128, FFN 11008; embeddings and
+# LM head left out) under **24 GB x 4/32 = 3 GB** (the RTX 4090 scaled by layers) for weights + KV cache,
+# 1024 token slots per request. FP16 = fp16 weights (cuBLAS) + fp16 KV (the faster of FlashDecoding and
+# SDPA, chosen in the run) + a fused RMSNorm; Atom = packed W4A4 weights with 128 INT8 outlier channels,
+# fused RMSNorm + reorder + quantize, the W4A4 GEMM, a Triton KV4 append and the KV4 attention (tiles and
+# attention variant tuned at the run's batch). A decode loop over the full batch, one CUDA graph per step;
+# each slot's context runs from 512 to 1024 tokens and restarts (the steady state of continuous batching;
+# prefill not timed). It is not the workbench's serving engine, which hosts neither quantized linears nor a
+# 4-bit cache.
 
 # %%
-SERVE = [r for r in GPU_RES.records if r.get("kind") == "serving_estimate"] if GPU_RES is not None else []
+SERVE = [r for r in GPU_RES.records if r.get("kind") == "serving" and "tokens_per_s" in r] if GPU_RES else []
+SERVE_RATIO = None
+if SERVE and not (any(r["system"] == "FP16" and r["fits_budget"] for r in SERVE)
+                  and any(r["system"].startswith("Atom") and r["fits_budget"] for r in SERVE)):
+    print("the results lack a served run of both systems within the budget: " + ", ".join(
+        f"{r['system']} batch {r['batch']}" for r in SERVE))
+    SERVE = []
 if SERVE:
-    fig = go.Figure()
-    for sysname, col in (("FP16", viz.color("fp16")), ("W8A8 (int8 GEMM, fp16 KV)", "#2ca02c"),
-                         ("Atom W4A4-KV4", viz.color("atom"))):
-        pts = sorted((r["batch"], r["tokens_per_s"], r["fits_80GB"]) for r in SERVE if r["system"] == sysname)
-        fig.add_scatter(x=[q[0] for q in pts], y=[q[1] for q in pts], mode="lines+markers", name=sysname,
-                        line_color=col, marker=dict(symbol=["circle" if q[2] else "x" for q in pts], size=10))
-    viz.apply_template(fig, title="Decode throughput vs batch (Llama-7B shapes, kernel-composed estimate)",
-                       x="batch (requests, 1024-token context)", y="tokens / s", width=980, height=460)
-    fig.update_xaxes(type="log")
-    viz.caption(fig, GPU_RES.caption() + "<br>× = does not fit 80 GB (weights + KV cache). Sum of measured kernel "
-                "times x 32 layers; norms/RoPE/launch gaps excluded. Paper: 7.73x FP16 on an RTX 4090 (INT4 MMA).")
-    viz.save(fig, SLUG, "serving_estimate")
+    s0 = SERVE[0]
+    L_, d_, F_, H_, Dh, cap_ = s0["layers"], s0["d_model"], s0["ffn"], s0["heads"], s0["head_dim"], s0["kv_slots"]
+    budget = s0["budget_bytes"]
+    # independent hand calculation of both batches (the bench sums the bytes of its allocated tensors)
+    w16_hand = L_ * ((3 * d_ * d_ + d_ * d_ + 2 * F_ * d_ + d_ * F_) * 2 + 2 * d_ * 2)
+
+    def row_bytes(K, G=128, keep=128):          # packed int4 + fp32 group steps + int8 outliers + fp32 step
+        return (K - keep) // 2 + -(-(K - keep) // G) * 4 + keep + 4
+
+    w4_hand = L_ * ((3 * d_ + d_ + 2 * F_) * row_bytes(d_) + d_ * row_bytes(F_) + 2 * d_ * 2 + 3 * d_ * 4)
+    kv16_hand, kv4_hand = L_ * 2 * H_ * cap_ * Dh * 2, L_ * 2 * H_ * cap_ * (Dh // 2 + 2 + 2)
+    b16_hand, b4_hand = int((budget - w16_hand) // kv16_hand), int((budget - w4_hand) // kv4_hand)
+    r16 = next(r for r in SERVE if r["system"] == "FP16" and r["fits_budget"])
+    r4 = max((r for r in SERVE if r["system"].startswith("Atom") and r["fits_budget"]), key=lambda r: r["batch"])
+    assert (r16["weight_bytes"], r4["weight_bytes"], r16["kv_bytes_per_request"], r4["kv_bytes_per_request"]) == (
+        w16_hand, w4_hand, kv16_hand, kv4_hand), "memory accounting differs from the hand calculation"
+    assert (r16["batch"], r4["batch"]) == (b16_hand, b4_hand), "batches are not the largest that fit the budget"
+    print(f"budget {budget / GB:.2f} GB ({s0['budget_note']}): FP16 weights {w16_hand / GB:.3f} GB + {b16_hand} x "
+          f"{kv16_hand / 1e6:.1f} MB KV;  Atom weights {w4_hand / GB:.3f} GB + {b4_hand} x {kv4_hand / 1e6:.1f} MB KV "
+          f"({b4_hand / b16_hand:.1f}x the batch)")
+    for r in sorted(SERVE, key=lambda r: (r["system"], r["batch"])):
+        print(f"  {r['system']:14s} batch {r['batch']:4d} {'fits  ' if r['fits_budget'] else 'OVER  '} "
+              f"weights+KV {r['model_bytes_at_batch'] / GB:6.2f} GB (+{r['step_workspace_bytes'] / 1e6:.0f} MB step "
+              f"buffers)  step {r['step_ms']:.3f} ms  {r['tokens_per_s']:8.0f} tok/s")
+    SERVE_RATIO = r4["tokens_per_s"] / r16["tokens_per_s"]
+    at16 = next((r for r in SERVE if r["system"].startswith("Atom") and r["batch"] == r16["batch"]), None)
+    f16_big = next((r for r in SERVE if r["system"] == "FP16" and r["batch"] == r4["batch"]), None)
+    CHECK = next((r for r in GPU_RES.records if r.get("kind") == "serving_check"), None)
+    if at16 and f16_big:
+        print(f"compute alone (same batch): Atom / FP16 = {at16['tokens_per_s'] / r16['tokens_per_s']:.2f}x at batch "
+              f"{r16['batch']}, {r4['tokens_per_s'] / f16_big['tokens_per_s']:.2f}x at batch {r4['batch']} (FP16 "
+              f"over budget); memory alone (Atom at its batch vs at FP16's): "
+              f"{r4['tokens_per_s'] / at16['tokens_per_s']:.2f}x")
+    if CHECK:
+        print(f"one-layer wiring check (B=4, same weights, same 4-bit-rounded cache): ||Atom update - FP16 update|| "
+              f"/ ||FP16 update|| = {CHECK['rel_err_layer_update']:.3f} (RTN W4A4, G=128, random Gaussian weights)")
+
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("decode throughput", "memory: weights + KV cache"))
+    order = sorted(SERVE, key=lambda r: (not r["fits_budget"], r["system"], r["batch"]))
+    names = [f"{r['system'].split()[0]}<br>batch {r['batch']}{'' if r['fits_budget'] else '<br>(over budget)'}"
+             for r in order]
+    cols = [viz.color("atom") if r["system"].startswith("Atom") else viz.color("fp16") for r in order]
+    fig.add_bar(x=names, y=[r["tokens_per_s"] for r in order], marker_color=cols,
+                marker_pattern_shape=["" if r["fits_budget"] else "x" for r in order],
+                texttemplate="%{y:.3s}", textposition="outside", showlegend=False, row=1, col=1)
+    fig.add_bar(x=names, y=[r["weight_bytes"] / GB for r in order], name="weights", marker_color="#7f7f7f",
+                row=1, col=2)
+    fig.add_bar(x=names, y=[(r["model_bytes_at_batch"] - r["weight_bytes"]) / GB for r in order], name="KV cache",
+                marker_color="#c5b0d5", row=1, col=2)
+    fig.add_hline(y=budget / GB, line_dash="dash", annotation_text="budget", row=1, col=2)
+    fig.update_layout(barmode="stack")
+    viz.apply_template(fig, title=f"Served decode throughput at equal memory: Atom {SERVE_RATIO:.2f}x FP16 "
+                       f"(paper 7.73x on an RTX 4090)", width=980, height=460)
+    fig.update_yaxes(title_text="tokens / s", row=1, col=1)
+    fig.update_yaxes(title_text="GB", row=1, col=2)
+    viz.caption(fig, GPU_RES.caption() + f"<br>{L_} of 32 Llama-7B-shaped layers, random weights, budget "
+                f"{budget / GB:.0f} GB = 24 GB x {L_}/32; 1024 KV slots per request, contexts 512-1024; decode only, "
+                "CUDA graphs. Hatched: FP16 at Atom's batch, which does not fit the budget.")
+    viz.save(fig, SLUG, "serving_equal_memory")
     fig.show()
-    best = {}
-    for sysname in {r["system"] for r in SERVE}:
-        ok = [r for r in SERVE if r["system"] == sysname and r["fits_80GB"]]
-        if ok:
-            best[sysname] = max(ok, key=lambda r: r["tokens_per_s"])
-    for k, r in best.items():
-        print(f"{k:28s} best fitting batch {r['batch']:4d} (max {r['max_batch_80GB']}): {r['tokens_per_s']:9.0f} tok/s")
-    if "FP16" in best and "Atom W4A4-KV4" in best:
-        ratio = best["Atom W4A4-KV4"]["tokens_per_s"] / best["FP16"]["tokens_per_s"]
-        print(f"Atom / FP16 at equal memory (80 GB): {ratio:.2f}x (target >= 2x; paper 7.73x on RTX 4090)")
-        if ratio < 2.0:
-            print(f"NOT REPRODUCED: estimated serving throughput {ratio:.2f}x FP16 < 2x at equal memory")
-else:
-    print("no serving estimate in the results (run the GPU bench); measured end-to-end serving is not done here")
 
 # %% [markdown]
-# **Takeaway.** The memory half of Atom transfers: W4 weights + a KV4 cache let ~4.5x more 1024-token
-# requests fit in 80 GB. The compute half does not, on this GPU and with these kernels: at equal batch every
-# W4A4 GEMM and the KV4 attention are slower than their FP16 counterparts on the committed H200 run, and at
-# large batch the step is dominated by attention, where our KV4 kernel moves its (3.5x fewer) bytes at
-# about a fifth of the HBM bandwidth that SDPA reaches on fp16 KV. Folding the per-token scale and zero out of
-# the dot products (score = δ(q·c − z Σq)) and splitting long contexts across programs are the next steps.
+# **Takeaway.** At equal memory Atom serves **2.65x** the FP16 decode throughput on the committed H200 run
+# (paper: 7.73x on an RTX 4090), and all of it comes from memory: 3.7x smaller weights and a 3.8x smaller KV
+# cache raise the batch from 20 to 143 in the scaled 3 GB budget. At the same batch Atom is *slower* than
+# FP16 on this GPU (≈0.9x at both 20 and 143): the W4A4 GEMMs are 0.5-0.7x cuBLAS and every linear needs
+# its quantize kernel, which the 1.25x faster KV4 attention does not make up. On an RTX 4090 the same design
+# also gains compute (INT4 MMA at 4x its FP16 rate, section 4) — the part of the 7.73x that Hopper cannot
+# give. Scale-downs: 4 layers and a proportional budget (per-layer weights and KV set the batch, so the
+# ratio of batches is close to the full model's: 7.2x here, ~7x for 32 layers in 24 GB), no prefill, random
+# weights, synthetic slot lengths; the transient step buffers (3-57 MB) are outside the budget for both.
+
+# %%
+if SERVE_RATIO is not None:
+    print(f"served throughput at equal memory: Atom / FP16 = {SERVE_RATIO:.2f}x (target >= 2x; paper 7.73x, "
+          f"RTX 4090) on {GPU_RES.meta.get('device')}")
+    if SERVE_RATIO >= 2.0:
+        assert SERVE_RATIO >= 2.0
+    else:
+        print(f"NOT REPRODUCED: served throughput at equal memory {SERVE_RATIO:.2f}x FP16 < 2x")
+    assert all(r["output_finite"] for r in SERVE), "a served run produced non-finite hidden states"
+elif BENCH != "skip":
+    print("skipped: the served-throughput claim needs data/results/atom/<gpu>.json with a serving run "
+          "(`PYTHONPATH=lib python3 -m mlsys24.bench atom`)")
 
 # %% [markdown]
 # ## 7. Explore
@@ -603,7 +741,9 @@ if INTERACTIVE:
 # - Paper-sized evaluation on CPU: `-p EVAL_TOKENS 16384 -p N_CALIB 32`; group 128: `-p GROUP_SIZE 128`.
 # - A real Llama (your own copy): `-p MODEL_PATH /path/to/llama-7b -p GROUP_SIZE 128 -p KEEPER 128
 #   -p N_CALIB 128 -p SEQLEN 2048`.
-# - The kernels: `PYTHONPATH=lib python3 -m mlsys24.bench atom` (writes `data/results/atom/<gpu>.json`).
+# - The kernels and the served run: `PYTHONPATH=lib python3 -m mlsys24.bench atom` (writes
+#   `data/results/atom/<gpu>.json`; ~2 min on an H200); `SERVE_LAYERS` / `SERVE_GPU_GB` in
+#   `mlsys24.quant.atom_bench` set the served model and its memory budget.
 #
 # Questions for a workshop:
 # 1. Why does the outlier block need only ~3 % of channels, and what happens to the staircase with
@@ -612,7 +752,10 @@ if INTERACTIVE:
 #    `k_pre_rope=False` in `AtomConfig` — which is harder to quantize, and why?
 # 3. The per-group dequantization is an outer product done on CUDA cores. Estimate its cost relative to the
 #    INT8 MMA for G = 64, 128, 256 on an H100, and compare with the measured GEMM numbers.
-# 4. Which part of the 7.73x survives on a GPU without INT4 tensor cores: memory (batch) or compute?
+# 4. Which part of the 7.73x survives on a GPU without INT4 tensor cores: memory (batch) or compute? The served
+#    run answers it on Hopper; redo the answer for a 24 GB RTX 4090 with section 4's bound.
+# 5. The served run scales the 24 GB budget by layers/32. Which terms of the memory model does that keep exact,
+#    and what would embeddings, the LM head and prefill activations change?
 
 # %%
 print(f"notebook wall time {time.time() - T_START:.1f} s")

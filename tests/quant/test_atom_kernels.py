@@ -20,6 +20,7 @@ if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
 from mlsys24.quant.atom import AtomConfig, AtomPackedLinear, fake_quant_act, fake_quant_weight  # noqa: E402
 from mlsys24.quant.w4a4 import (  # noqa: E402
     W4A4Config,
+    append_kv4,
     decode_attention_kv4,
     decode_attention_kv4_ref,
     pack_int4_halves,
@@ -166,6 +167,69 @@ def test_decode_attention_kv4(B, S, H, KV, D):
     hm = [t.transpose(1, 2).contiguous().transpose(1, 2) for t in (k4, kd, kz, v4, vd, vz)]
     out_hm = decode_attention_kv4(q, *hm[:3], *hm[3:], lens, block_s=32)
     torch.testing.assert_close(out_hm, ref, rtol=1e-4, atol=1e-5)
+
+
+# tolerance per arithmetic path: fp32 everywhere (only the summation order differs from the reference), or
+# the GPU's tensor-core path, which rounds q and the weights p * delta to fp16 (~1e-3 relative each)
+ATTN_TOL = {"fp32": dict(rtol=1e-4, atol=1e-5), "fp16_dot": dict(rtol=0.0, atol=5e-3)}
+
+
+@pytest.mark.parametrize("kw,path", [(dict(impl="simple"), "fp32"), (dict(num_splits=3), "fp32"),
+                                     (dict(use_dot=True), "fp16_dot"),
+                                     (dict(use_dot=True, magic=True, num_splits=2), "fp16_dot")])
+@pytest.mark.parametrize("B,S,H,KV,D", [(2, 40, 4, 2, 64), (3, 83, 2, 1, 32)])
+def test_decode_attention_kv4_variants(B, S, H, KV, D, kw, path):
+    """Split-KV (empty splits included: row 0 has one token), tensor-core and exponent-trick paths."""
+    g = torch.Generator().manual_seed(B + S)
+    q = torch.randn(B, H, D, generator=g).to(DEV)
+    k4, kd, kz = pack_kv4(torch.randn(B, S, KV, D, generator=g).to(DEV))
+    v4, vd, vz = pack_kv4(torch.randn(B, S, KV, D, generator=g).to(DEV))
+    lens = torch.randint(1, S + 1, (B,), generator=g)
+    lens[0] = 1
+    lens = lens.to(DEV)
+    ref = decode_attention_kv4_ref(q, k4, kd, kz, v4, vd, vz, lens)
+    out = decode_attention_kv4(q, k4, kd, kz, v4, vd, vz, lens, block_s=16, **kw)
+    tol = dict(ATTN_TOL[path])
+    tol["atol"] = tol["atol"] * float(ref.abs().max()) if path == "fp16_dot" else tol["atol"]
+    torch.testing.assert_close(out, ref, **tol)
+
+
+def test_decode_attention_kv4_fp16_head_major_cache():
+    """The serving layout: head-major storage, fp16 step/zero, fp16 output."""
+    g = torch.Generator().manual_seed(11)
+    B, S, H, D = 2, 50, 2, 64
+    q = torch.randn(B, H, D, generator=g).to(DEV)
+    c = [*pack_kv4(torch.randn(B, S, H, D, generator=g)), *pack_kv4(torch.randn(B, S, H, D, generator=g))]
+    c = [t.to(torch.float16) if t.is_floating_point() else t for t in c]
+    c = [t.transpose(1, 2).contiguous().transpose(1, 2).to(DEV) for t in c]        # [B, H, S, .] storage
+    lens = torch.tensor([50, 9], dtype=torch.int32, device=DEV)
+    ref = decode_attention_kv4_ref(q, *c, lens)
+    for kw in (dict(), dict(use_dot=True, magic=True)):
+        out = decode_attention_kv4(q.half(), *c, lens, block_s=16, out_dtype=torch.float16, **kw)
+        assert out.dtype == torch.float16
+        torch.testing.assert_close(out.float(), ref, rtol=0.0, atol=5e-3 * float(ref.abs().max()))
+
+
+@pytest.mark.parametrize("meta_dtype", [torch.float32, torch.float16])
+def test_append_kv4_matches_reference_quantizer(meta_dtype):
+    g = torch.Generator().manual_seed(5)
+    B, S, KV, D = 3, 12, 2, 64
+    k, v = torch.randn(B, KV, D, generator=g).to(DEV), (3 * torch.randn(B, KV, D, generator=g) + 1).to(DEV)
+    k4 = torch.zeros(B, KV, S, D // 2, dtype=torch.uint8, device=DEV).transpose(1, 2)    # head-major storage
+    v4 = torch.zeros_like(k4)
+    kd, kz, vd, vz = (torch.zeros(B, KV, S, dtype=meta_dtype, device=DEV).transpose(1, 2) for _ in range(4))
+    pos = torch.tensor([0, 7, S - 1], dtype=torch.int32, device=DEV)
+    append_kv4(k, v, pos, k4, kd, kz, v4, vd, vz)
+    for x, c4, cd, cz in ((k, k4, kd, kz), (v, v4, vd, vz)):
+        r4, rd, rz = pack_kv4(x[:, None])                                               # [B, 1, KV, .]
+        for b in range(B):
+            p = int(pos[b])
+            assert torch.equal(c4[b, p], r4[b, 0])
+            torch.testing.assert_close(cd[b, p], rd[b, 0].to(meta_dtype), rtol=0, atol=0)
+            torch.testing.assert_close(cz[b, p], rz[b, 0].to(meta_dtype), rtol=0, atol=0)
+        untouched = torch.ones(B, S, dtype=torch.bool)
+        untouched[torch.arange(B), pos.cpu().long()] = False
+        assert int(c4.cpu()[untouched].abs().sum()) == 0, "append wrote outside its slots"
 
 
 def test_no_dequant_diagnostic_is_the_unscaled_integer_sum():

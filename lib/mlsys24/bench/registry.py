@@ -48,7 +48,8 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "vidur": ("mlsys24.sim.bench:run",
               "Vidur: 7B operator profile + random forests, real engine vs simulator (vLLM/Sarathi), simulator speed"),
     "atom": ("mlsys24.quant.atom_bench:run",
-             "Atom: W4A4 (INT8-MMA) GEMM vs cuBLAS fp16 / torch._int_mm, KV4 decode attention, serving estimate"),
+             "Atom: served decode throughput at equal memory (4 Llama-7B-shaped layers, FP16 vs W4A4-KV4), "
+             "KV4 decode attention, W4A4 (INT8-MMA) GEMM vs cuBLAS fp16 / torch._int_mm (~2 min on an H200)"),
     "awq": ("mlsys24.quant.bench:run", "AWQ W4A16 Triton GEMM/GEMV vs cuBLAS fp16, Llama-7B shapes, M=1..64"),
 }
 

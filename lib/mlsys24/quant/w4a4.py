@@ -32,7 +32,14 @@ tensor cores without an unpack.
 
 Symmetric quantizer: ``delta = clip * max(max|x|, 1e-5) / 7``, ``q = clamp(rint(x / delta), -8, 7)``
 (round half to even, as ``torch.round``); INT8 outliers: ``/127``, ``[-128, 127]``.
-KV cache: asymmetric INT4 per token per head, ``x ~ (q - z) delta`` (:func:`mlsys24.quant.atom.quantize_kv_asym`).
+KV cache: asymmetric INT4 per token per head, ``x ~ (q - z) delta`` (:func:`mlsys24.quant.atom.quantize_kv_asym`),
+codes ``uint8 [B, S, KV, d/2]`` (low nibble: dim 2j), ``delta, z [B, S, KV]`` (fp32 or fp16; any strides,
+head-major storage preferred). :func:`append_kv4` quantizes one new token per row into its slot;
+:func:`decode_attention_kv4` is a split-KV (FlashDecoding) decode attention with the step and zero folded
+out of the dot products, ``q.k = delta (q.c - z sum(q))`` and ``sum_s p_s v_s = sum_s (p_s delta_s) c_s -
+sum_s p_s delta_s z_s``, so only the nibble unpack is per-element work; on a GPU both products run on fp16
+tensor cores (query rows padded to 16) and the nibbles may become fp16 by the exponent trick
+``bitcast(0x6400 | c) - 1024``.
 """
 
 from __future__ import annotations
@@ -51,7 +58,7 @@ from .atom import quantize_kv_asym, sym_group_quant
 __all__ = [
     "pack_int4_pairs", "unpack_int4_pairs", "pack_int4_halves", "unpack_int4_halves", "pack_weight_w4a4",
     "quantize_act_w4a4", "quantize_act_w4a4_ref", "w4a4_gemm", "w4a4_gemm_ref", "W4A4Config", "pack_kv4",
-    "decode_attention_kv4", "decode_attention_kv4_ref",
+    "decode_attention_kv4", "decode_attention_kv4_ref", "append_kv4",
 ]
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -418,8 +425,9 @@ class W4A4Config:
 
 def default_w4a4_config(M: int) -> W4A4Config:
     """The tiles the GPU benchmark (``mlsys24.quant.atom_bench``, H200 run in data/results/atom/) measured
-    fastest at Llama-7B shapes: 32x64 at M = 32 for all three shapes, 128x64 (64x128 within 1.5 %) at
-    M = 1024; 4 warps, 4 stages, packed activations."""
+    fastest at Llama-7B shapes: 32x64 at M = 32 for all three shapes; 128x64 at M = 256 (down: tied
+    with 32x64) and at M = 1024 (gate/up: 64x128, 2 % ahead); 4 warps, 4 stages, packed activations.
+    The served decode run tunes its own tiles at its batch (recorded in the results)."""
     if M < 96:
         return W4A4Config(32, 64, 4, 4)
     return W4A4Config(128, 64, 4, 4)
@@ -529,18 +537,248 @@ def _attn_kv4_kernel(q_ptr, k_ptr, kd_ptr, kz_ptr, v_ptr, vd_ptr, vz_ptr, lens_p
     tl.store(ob + 2 * d2 + 1, acc_o / l_i)
 
 
+@triton.jit
+def _u4_pair(b, F16: tl.constexpr, MAGIC: tl.constexpr):
+    """uint8 bytes -> (low nibbles, high nibbles) as fp16 (F16) or fp32 values 0..15. MAGIC: fp16 via the
+    exponent trick ``bitcast(0x6400 | c) - 1024`` (one logic op and one fp16 subtraction, no conversion)."""
+    lo = b & 0xF
+    hi = b >> 4
+    if F16:
+        if MAGIC:
+            lo_f = (lo.to(tl.int16) | 0x6400).to(tl.float16, bitcast=True) - 1024.0
+            hi_f = (hi.to(tl.int16) | 0x6400).to(tl.float16, bitcast=True) - 1024.0
+        else:
+            lo_f = lo.to(tl.float16)
+            hi_f = hi.to(tl.float16)
+    else:
+        lo_f = lo.to(tl.float32)
+        hi_f = hi.to(tl.float32)
+    return lo_f, hi_f
+
+
+@triton.jit
+def _attn_kv4_split_kernel(q_ptr, k_ptr, kd_ptr, kz_ptr, v_ptr, vd_ptr, vz_ptr, lens_ptr, po_ptr, pm_ptr, pl_ptr,
+                           o_ptr, H, KVH, N_SPLITS, split_len, sq_b, sq_h, sk_b, sk_s, sk_h, sm_b, sm_s, sm_h,
+                           so_b, so_h, qk_scale2,
+                           GQ: tl.constexpr, BLOCK_G: tl.constexpr, D2: tl.constexpr, BLOCK_N: tl.constexpr,
+                           USE_DOT: tl.constexpr, MAGIC: tl.constexpr, SINGLE: tl.constexpr):
+    """Program (split, row b x KV head): the GQ query heads of one KV head attend to tokens
+    [split * split_len, ...) of row b. Scale and zero are folded out of the dot products
+    (``q.k = delta (q.c - z sum(q))``, ``sum p v = sum (p delta) c - sum (p delta z)``), so the only
+    per-element work is unpacking the nibbles; USE_DOT runs both products on tensor cores (fp16,
+    query rows padded to 16). Base-2 online softmax. SINGLE: one split, normalise and store ``o``."""
+    sid = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // KVH
+    kvh = bh % KVH
+    L = tl.load(lens_ptr + b)
+    start = sid * split_len
+    end = tl.minimum(start + split_len, L)
+    g = tl.arange(0, BLOCK_G)
+    gm = g < GQ
+    d2 = tl.arange(0, D2)
+    q_rows = q_ptr + b.to(tl.int64) * sq_b + (kvh * GQ + g)[:, None] * sq_h
+    qe = tl.load(q_rows + 2 * d2[None, :], mask=gm[:, None], other=0.0)        # [BG, D/2] even dims
+    qo = tl.load(q_rows + 2 * d2[None, :] + 1, mask=gm[:, None], other=0.0)    # odd dims
+    if USE_DOT:
+        qe = qe.to(tl.float16)
+        qo = qo.to(tl.float16)
+    else:
+        qe = qe.to(tl.float32)
+        qo = qo.to(tl.float32)
+    qsum = tl.sum(qe.to(tl.float32), 1) + tl.sum(qo.to(tl.float32), 1)        # [BG] (of the values dotted)
+    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    acc_e = tl.zeros([BLOCK_G, D2], tl.float32)
+    acc_o = tl.zeros([BLOCK_G, D2], tl.float32)
+    acc_z = tl.zeros([BLOCK_G], tl.float32)
+    kv_base = b.to(tl.int64) * sk_b + kvh * sk_h
+    m_base = b.to(tl.int64) * sm_b + kvh * sm_h
+    for n0 in range(start, end, BLOCK_N):
+        offs = n0 + tl.arange(0, BLOCK_N)
+        valid = offs < end
+        kv_off = kv_base + offs[:, None].to(tl.int64) * sk_s + d2[None, :]
+        meta = m_base + offs.to(tl.int64) * sm_s
+        kp = tl.load(k_ptr + kv_off, mask=valid[:, None], other=0)
+        kd = tl.load(kd_ptr + meta, mask=valid, other=0.0).to(tl.float32)
+        kz = tl.load(kz_ptr + meta, mask=valid, other=0.0).to(tl.float32)
+        k_lo, k_hi = _u4_pair(kp, USE_DOT, MAGIC)                                 # [BN, D/2]
+        if USE_DOT:
+            raw = tl.dot(qe, tl.trans(k_lo)) + tl.dot(qo, tl.trans(k_hi))       # [BG, BN] = q.c
+        else:
+            raw = tl.sum(qe[:, None, :] * k_lo[None, :, :], 2) + tl.sum(qo[:, None, :] * k_hi[None, :, :], 2)
+        s = (raw - qsum[:, None] * kz[None, :]) * (kd * qk_scale2)[None, :]
+        s = tl.where(valid[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        vp = tl.load(v_ptr + kv_off, mask=valid[:, None], other=0)
+        vd = tl.load(vd_ptr + meta, mask=valid, other=0.0).to(tl.float32)
+        vz = tl.load(vz_ptr + meta, mask=valid, other=0.0).to(tl.float32)
+        v_lo, v_hi = _u4_pair(vp, USE_DOT, MAGIC)
+        pv = p * vd[None, :]                                                      # [BG, BN]
+        if USE_DOT:
+            pv16 = pv.to(tl.float16)           # the same rounded weights in the dot and in the zero term
+            acc_e = acc_e * alpha[:, None] + tl.dot(pv16, v_lo)
+            acc_o = acc_o * alpha[:, None] + tl.dot(pv16, v_hi)
+            acc_z = acc_z * alpha + tl.sum(pv16.to(tl.float32) * vz[None, :], 1)
+        else:
+            acc_e = acc_e * alpha[:, None] + tl.sum(pv[:, :, None] * v_lo[None, :, :], 1)
+            acc_o = acc_o * alpha[:, None] + tl.sum(pv[:, :, None] * v_hi[None, :, :], 1)
+            acc_z = acc_z * alpha + tl.sum(pv * vz[None, :], 1)
+        m_i = m_new
+    acc_e = acc_e - acc_z[:, None]
+    acc_o = acc_o - acc_z[:, None]
+    h = kvh * GQ + g                                                              # [BG] query heads
+    if SINGLE:
+        inv = 1.0 / l_i
+        ob = o_ptr + b.to(tl.int64) * so_b + h[:, None] * so_h
+        tl.store(ob + 2 * d2[None, :], (acc_e * inv[:, None]).to(o_ptr.dtype.element_ty), mask=gm[:, None])
+        tl.store(ob + 2 * d2[None, :] + 1, (acc_o * inv[:, None]).to(o_ptr.dtype.element_ty), mask=gm[:, None])
+    else:
+        row = ((b * H + h) * N_SPLITS + sid).to(tl.int64)                        # [BG]
+        pb = po_ptr + row[:, None] * (2 * D2)
+        tl.store(pb + 2 * d2[None, :], acc_e, mask=gm[:, None])
+        tl.store(pb + 2 * d2[None, :] + 1, acc_o, mask=gm[:, None])
+        tl.store(pm_ptr + row, m_i, mask=gm)
+        tl.store(pl_ptr + row, l_i, mask=gm)
+
+
+@triton.jit
+def _attn_combine_kernel(po_ptr, pm_ptr, pl_ptr, o_ptr, H, N_SPLITS, so_b, so_h,
+                         D: tl.constexpr, BLOCK_S: tl.constexpr):
+    """``o = sum_j 2^(m_j - m) o_j / sum_j 2^(m_j - m) l_j`` over the splits of one (row, head);
+    empty splits carry ``m = -inf, l = 0, o = 0``."""
+    r = tl.program_id(0)
+    b = r // H
+    h = r % H
+    j = tl.arange(0, BLOCK_S)
+    mj = j < N_SPLITS
+    base = r.to(tl.int64) * N_SPLITS
+    m = tl.load(pm_ptr + base + j, mask=mj, other=float("-inf"))
+    lj = tl.load(pl_ptr + base + j, mask=mj, other=0.0)
+    mx = tl.max(m, 0)
+    w = tl.where(mj, tl.exp2(m - mx), 0.0)
+    d = tl.arange(0, D)
+    oj = tl.load(po_ptr + (base + j)[:, None] * D + d[None, :], mask=mj[:, None], other=0.0)
+    out = tl.sum(w[:, None] * oj, 0) / tl.sum(w * lj, 0)
+    tl.store(o_ptr + b.to(tl.int64) * so_b + h * so_h + d, out.to(o_ptr.dtype.element_ty))
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def decode_attention_kv4(q, k4, kd, kz, v4, vd, vz, kv_lens, scale: float | None = None,
-                         block_s: int = 32, num_warps: int = 4) -> torch.Tensor:
-    """Triton version of :func:`decode_attention_kv4_ref` (one program per (row, head); dequantizes the
-    4-bit K/V in registers; online softmax). ``kv_lens[b] >= 1``. Any strides: a head-major cache
-    (``[B, KV, S, .]`` storage seen through a ``[B, S, KV, .]`` view) gives contiguous per-head reads."""
+                         block_s: int = 32, num_warps: int = 4, *, impl: str = "split", num_splits: int | None = None,
+                         use_dot: bool | None = None, magic: bool = False, num_stages: int = 2,
+                         out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Triton version of :func:`decode_attention_kv4_ref`; ``kv_lens[b] >= 1`` (a device tensor: no
+    host synchronisation, CUDA-graph safe). Any strides: a head-major cache (``[B, KV, S, .]`` storage
+    seen through a ``[B, S, KV, .]`` view) gives contiguous per-head reads; scales/zeros fp32 or fp16.
+
+    ``impl="split"`` (default): split-KV (FlashDecoding) kernel with the scale and zero folded out of
+    the dot products; ``num_splits`` (None: about 4 programs per SM) x ``block_s`` tokens per loop step;
+    ``use_dot`` (None: on a GPU) puts ``q.c`` and ``(p delta).c`` on fp16 tensor cores; ``magic``
+    unpacks nibbles to fp16 with the exponent trick. ``impl="simple"``: one program per (row, head),
+    element-wise dequantization (the first version, kept for comparison)."""
     B, H, D = q.shape
-    KV = k4.shape[2]
+    S, KV = k4.shape[1], k4.shape[2]
     if k4.stride() != v4.stride() or kd.stride() != vd.stride() or kd.stride() != kz.stride() or k4.stride(-1) != 1:
         raise ValueError("K and V caches must share one layout (codes contiguous along head_dim)")
-    out = torch.empty(B, H, D, dtype=torch.float32, device=q.device)
-    _attn_kv4_kernel[(B, H)](q, k4, kd, kz, v4, vd, vz, kv_lens.to(torch.int32), out, H, KV,
-                             q.stride(0), q.stride(1), k4.stride(0), k4.stride(1), k4.stride(2),
-                             kd.stride(0), kd.stride(1), kd.stride(2), out.stride(0), out.stride(1),
-                             float(scale or 1.0 / math.sqrt(D)), D2=D // 2, BLOCK_S=block_s, num_warps=num_warps)
+    if H % KV:
+        raise ValueError(f"query heads {H} not a multiple of KV heads {KV}")
+    sm_scale = float(scale or 1.0 / math.sqrt(D))
+    lens = kv_lens if kv_lens.dtype == torch.int32 else kv_lens.to(torch.int32)
+    out = torch.empty(B, H, D, dtype=out_dtype, device=q.device)
+    if impl == "simple":
+        o32 = out if out_dtype == torch.float32 else torch.empty(B, H, D, dtype=torch.float32, device=q.device)
+        _attn_kv4_kernel[(B, H)](q, k4, kd, kz, v4, vd, vz, lens, o32, H, KV,
+                                 q.stride(0), q.stride(1), k4.stride(0), k4.stride(1), k4.stride(2),
+                                 kd.stride(0), kd.stride(1), kd.stride(2), o32.stride(0), o32.stride(1),
+                                 sm_scale, D2=D // 2, BLOCK_S=block_s, num_warps=num_warps)
+        if o32 is not out:
+            out.copy_(o32)
+        return out
+    if impl != "split":
+        raise ValueError(f"impl must be 'split' or 'simple', got {impl!r}")
+    if use_dot is None:
+        use_dot = q.is_cuda and not _INTERPRET
+    GQ = H // KV
+    BLOCK_G = max(16, triton.next_power_of_2(GQ)) if use_dot else triton.next_power_of_2(GQ)
+    if use_dot and (block_s < 16 or D // 2 < 16):
+        raise ValueError("use_dot needs block_s >= 16 and head_dim >= 32")
+    if num_splits is None:
+        num_splits = triton.cdiv(4 * _num_sms(q.device), B * KV)
+    num_splits = max(1, min(int(num_splits), triton.cdiv(S, block_s)))
+    split_len = triton.cdiv(triton.cdiv(S, num_splits), block_s) * block_s
+    num_splits = triton.cdiv(S, split_len)
+    single = num_splits == 1
+    if single:
+        po = pm = pl = out
+    else:
+        po = torch.empty(B * H * num_splits, D, dtype=torch.float32, device=q.device)
+        pm = torch.empty(B * H * num_splits, dtype=torch.float32, device=q.device)
+        pl = torch.empty_like(pm)
+    _attn_kv4_split_kernel[(num_splits, B * KV)](
+        q, k4, kd, kz, v4, vd, vz, lens, po, pm, pl, out, H, KV, num_splits, split_len,
+        q.stride(0), q.stride(1), k4.stride(0), k4.stride(1), k4.stride(2), kd.stride(0), kd.stride(1), kd.stride(2),
+        out.stride(0), out.stride(1), sm_scale * 1.4426950408889634,
+        GQ=GQ, BLOCK_G=BLOCK_G, D2=D // 2, BLOCK_N=block_s, USE_DOT=bool(use_dot), MAGIC=bool(magic and use_dot),
+        SINGLE=single, num_warps=num_warps, num_stages=num_stages)
+    if not single:
+        _attn_combine_kernel[(B * H,)](po, pm, pl, out, H, num_splits, out.stride(0), out.stride(1),
+                                       D=D, BLOCK_S=max(2, triton.next_power_of_2(num_splits)), num_warps=4)
     return out
+
+
+@triton.jit
+def _kv4_quant_row(src_ptr, D2: tl.constexpr, clip):
+    """One head vector (``2 D2`` values at ``src_ptr``) -> packed codes (low nibble: even dims), step, zero."""
+    d2 = tl.arange(0, D2)
+    xe = tl.load(src_ptr + 2 * d2).to(tl.float32)
+    xd = tl.load(src_ptr + 2 * d2 + 1).to(tl.float32)
+    mn = tl.minimum(tl.min(xe, 0), tl.min(xd, 0))
+    mx = tl.maximum(tl.max(xe, 0), tl.max(xd, 0))
+    delta = tl.maximum((mx - mn) * clip, 1e-5) / 15.0
+    zero = _rint(-mn * clip / delta)
+    ce = tl.minimum(tl.maximum(_rint(xe / delta) + zero, 0.0), 15.0).to(tl.int32)
+    cd = tl.minimum(tl.maximum(_rint(xd / delta) + zero, 0.0), 15.0).to(tl.int32)
+    return (ce | (cd << 4)).to(tl.uint8), delta, zero
+
+
+@triton.jit
+def _append_kv4_kernel(k_ptr, v_ptr, pos_ptr, k4_ptr, kd_ptr, kz_ptr, v4_ptr, vd_ptr, vz_ptr,
+                       sx_b, sx_h, sc_b, sc_s, sc_h, sm_b, sm_s, sm_h, clip, D2: tl.constexpr):
+    """Program (row b, KV head h): quantize the new token's K and V (asymmetric INT4 over head_dim, as
+    :func:`mlsys24.quant.atom.quantize_kv_asym`) and write codes, step and zero at slot ``pos[b]``."""
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    p = tl.load(pos_ptr + b).to(tl.int64)
+    d2 = tl.arange(0, D2)
+    xo = b.to(tl.int64) * sx_b + h * sx_h
+    co = b.to(tl.int64) * sc_b + p * sc_s + h * sc_h
+    mo = b.to(tl.int64) * sm_b + p * sm_s + h * sm_h
+    kc, kdel, kzer = _kv4_quant_row(k_ptr + xo, D2, clip)
+    tl.store(k4_ptr + co + d2, kc)
+    tl.store(kd_ptr + mo, kdel.to(kd_ptr.dtype.element_ty))
+    tl.store(kz_ptr + mo, kzer.to(kz_ptr.dtype.element_ty))
+    vc, vdel, vzer = _kv4_quant_row(v_ptr + xo, D2, clip)
+    tl.store(v4_ptr + co + d2, vc)
+    tl.store(vd_ptr + mo, vdel.to(vd_ptr.dtype.element_ty))
+    tl.store(vz_ptr + mo, vzer.to(vz_ptr.dtype.element_ty))
+
+
+def append_kv4(k, v, pos, k4, kd, kz, v4, vd, vz, clip: float = 1.0) -> None:
+    """Write one new token per row into a 4-bit cache: ``k, v [B, KV, d]`` (any float dtype) at slot
+    ``pos[b]`` (device int tensor) of ``k4/v4 [B, S, KV, d/2]`` (uint8) and ``kd/kz/vd/vz [B, S, KV]``
+    (any strides, e.g. head-major storage). CUDA-graph safe."""
+    B, KV, D = k.shape
+    if k.stride() != v.stride() or k.stride(-1) != 1 or k4.stride() != v4.stride() or kd.stride() != vd.stride():
+        raise ValueError("append_kv4: K and V (and their caches) must share one layout, head_dim contiguous")
+    _append_kv4_kernel[(B, KV)](k, v, pos, k4, kd, kz, v4, vd, vz, k.stride(0), k.stride(1),
+                                k4.stride(0), k4.stride(1), k4.stride(2), kd.stride(0), kd.stride(1), kd.stride(2),
+                                float(clip), D2=D // 2, num_warps=1)
