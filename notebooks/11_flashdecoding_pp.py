@@ -15,9 +15,10 @@
 #   mlsys24:
 #     headline: 'Paper: asynchronous unified-max softmax 1.14x in decode, flat GEMM
 #       up to 52%, heuristic dataflow up to 29%, 4.86x end-to-end vs HF (A100). Ours
-#       (H100): async/sync 0.99-1.04x at batch 1, both kernels >= SDPA at batch 1 (1.03x)
-#       and 93-104% of copy bandwidth from batch 8; flat GEMM +3% vs cuBLAS; dispatcher
-#       1.03x vs cuBLAS-only; engine decode 4.5-5.5x vs plain PyTorch (H200)'
+#       (H200): async/sync 1.00-1.01x at batch 1 (each at its best tiling; 1.09-1.28x
+#       on the CUDA-core path), >= SDPA at batch 1 and 82-111% of copy bandwidth from
+#       batch 8; split-K flat GEMM + dispatcher 1.06x vs cuBLAS-only at M <= 16 (2.3%
+#       from the per-M best); engine decode 4.9-6.7x vs plain PyTorch'
 #     paper: '11'
 #     slug: flashdecoding_pp
 #     status: partial
@@ -478,37 +479,56 @@ assert picked == argmin and fit["M1"] <= fit["M2"]                              
 # %% [markdown]
 # ## 7. GPU results: attention, flat GEMM, dispatcher, decode step
 #
-# Measured by `python -m mlsys24.bench flashdecoding_pp` in one run on one GPU (CUDA-graph replays,
-# medians): ours synchronized vs ours asynchronous over the same tile candidates (the headline ratio
-# uses the tiling that is best for the *synchronized* kernel), torch SDPA (default and flash backend),
-# a naive eager attention; flat GEMM / GEMV / cuBLAS on Llama-2-7B's weight shapes.
+# Measured by `python -m mlsys24.bench flashdecoding_pp` in one run on one GPU: every operation is
+# replayed from a CUDA graph and timed with CUDA events, the L2 cache flushed (a read of twice its
+# size) before every replay, median of the repeats. What the two attention kernels do:
 #
-# Two timings of the same operations are stored. **flush**: the workbench harness zero-fills 2×L2
-# before every call (as the anchors in `shared/anchors` were measured). That leaves L2 full of dirty
-# lines the timed kernel must write back — about 50 MB on an H100, ≈17 µs at 3 TB/s — which weighs on
-# small kernels (a 4096×4096 GEMV, batch-1 attention at 1K–8K). **rotate**: no flush; the inputs are
-# rotated through copies totalling more than 2×L2, so every call still reads from HBM but pays no
-# write-back. Figures use *flush* (comparable with the anchors); the claims are printed for both.
+# - **ours sync = FlashDecoding as it is built**: kernel 1 gives each (sequence, KV head, split) a
+#   range of the cache; the program keeps a running max m, rescales its accumulators l and o whenever
+#   m grows, and writes (m_j, l_j, o_j) to a workspace. Kernel 2 (combine) reads the S partials of
+#   each row, takes m = max m_j and rescales: l = Σ e^{m_j−m} l_j, o = Σ e^{m_j−m} o_j / l.
+# - **ours async = FlashDecoding++**: one kernel with the same tiling; each split computes
+#   l_j = Σ e^{x−φ} and o_j = Σ e^{x−φ} v with no max and no rescale in its loop (it only keeps an
+#   element-wise max for the overflow check, reduced once), adds l_j and o_j into fp32 accumulators with
+#   atomics, and the program that takes the last ticket of the row divides o / l, checks the row's
+#   max against the band and recomputes it with the synchronized method if it is outside.
+#
+# Both flavours are swept over the same tile candidates (tensor-core and CUDA-core paths, 32–128
+# tokens per step) and split counts (2–32 programs per SM); **each flavour's best** is the headline
+# comparison (the asynchronous one can afford finer splits: it has no combine to pay for them), and
+# each is also timed at the other's best tiling ("same tiling"). Baselines: torch SDPA (its default
+# backend choice and the flash backend), a naive eager attention; for the linears, cuBLAS via `F.linear`.
 
 # %%
 from mlsys24.bench import gpu_results, load_results
 from mlsys24.kernels.bench_fdpp import summarize
 
-# live: the quick benchmark into a temporary directory on a GPU; else the committed kernel results
+# live: the quick benchmark into a temporary directory on a GPU; else the newest committed kernel results
 RES = gpu_results(SLUG, BENCH, where=lambda f: f.meta.get("device_type") == "cuda" and f.config.get("kind") != "e2e")
 if RES is None:
     print("No GPU results: run `PYTHONPATH=lib python3 -m mlsys24.bench flashdecoding_pp` on a GPU "
           "(writes data/results/flashdecoding_pp/<gpu>.json); the GPU figures and claims are skipped.")
-    S = SR = None
+    S = None
 else:
     m_ = RES.meta
-    CAPTION = (f"{RES.device} · torch {m_.get('torch')}, triton {m_.get('triton')} · {m_.get('date', '')[:10]} · "
+    GPU_NAME = RES.device
+    CAPTION = (f"{GPU_NAME} · torch {m_.get('torch')}, triton {m_.get('triton')} · {m_.get('date', '')[:10]} · "
                f"bench_fdpp ({'quick' if RES.config.get('quick') else 'full'}) → {RES.path.name}")
-    S, SR = summarize(RES.records), summarize(RES.records, timing="rotate")
     FLUSH = [r for r in RES.records if r.get("timing", "flush") == "flush"]
+    S = summarize(RES.records)
     print(RES.caption())
     copy = next(r for r in RES.records if r.get("bench") == "copy")
-    print(f"copy bandwidth {copy['GBps']:.0f} GB/s (anchor: 3007 GB/s)")
+    print(f"GPU: {GPU_NAME}; copy bandwidth {copy['GBps']:.0f} GB/s")
+    checks = [r for r in RES.records if r.get("bench") == "check"]
+    att_checks = [r for r in checks if r.get("op") == "decode_attention"]
+    gemm_checks = [r for r in checks if r.get("op") == "gemm"]
+    worst_check = max(max(r["rel_err_sync"], r["rel_err_async"], r["rel_err_forced_fallback"]) for r in att_checks)
+    print(f"on the GPU: {len(att_checks)} attention checks (rel. error <= {worst_check:.1e}; forced φ flagged "
+          f"{sum(r['flags_forced'] for r in att_checks)} of {sum(r['rows'] for r in att_checks)} rows, calibrated φ "
+          f"{sum(r['flags_calibrated'] for r in att_checks)}); {len(gemm_checks)} GEMM checks incl. split-K")
+    assert worst_check < 1e-3
+    assert all(r["flags_forced"] == r["rows"] and r["flags_calibrated"] == 0 for r in att_checks)
+    assert all(v < 1e-3 for r in gemm_checks for k, v in r.items() if k.startswith("rel_err"))
 # the engine's end-to-end decode run (python -m mlsys24.bench flashdecoding_pp_e2e), when committed
 E2E = next((r for r in load_results(SLUG) if r.config.get("kind") == "e2e"), None) if BENCH != "skip" else None
 E2E_STEP = {(r["variant"], r["batch"]): r["step_median_ms"] for r in E2E.records if r["kind"] == "e2e"} if E2E else {}
@@ -517,8 +537,9 @@ E2E_STEP = {(r["variant"], r["batch"]): r["step_median_ms"] for r in E2E.records
 if S is not None:
     att = [r for r in FLUSH if r.get("bench") == "attention" and "median_us" in r]
     batches = sorted({r["B"] for r in att})
-    provs = [("ours_async", "ours async (FlashDecoding++)", "async"), ("ours_sync", "ours sync (FlashDecoding)", "sync"),
-             ("sdpa", "torch SDPA", "sdpa"), ("naive", "naive eager", "loop")]
+    provs = [("ours_async_own_tiling", "ours async (FlashDecoding++)", "async"),
+             ("ours_sync", "ours sync (FlashDecoding)", "sync"), ("sdpa", "torch SDPA", "sdpa"),
+             ("naive", "naive eager", "loop")]
     fig_att = make_subplots(rows=1, cols=len(batches), subplot_titles=[f"batch {b}" for b in batches])
     for ci, B in enumerate(batches):
         for key, label, col in provs:
@@ -532,31 +553,38 @@ if S is not None:
                        width=260 * len(batches) + 120)
     fig_att.update_yaxes(title_text="GB/s (dotted: copy bandwidth)", row=1, col=1)
     fig_att.update_layout(legend=dict(y=1.18))
-    viz.caption(fig_att, CAPTION + " · flush timing")
+    viz.caption(fig_att, CAPTION + " · each kernel at its best tiling")
     viz.save(fig_att, SLUG, "attention_bandwidth")
     fig_att
 
 # %%
 if S is not None:
     fig_ratio = go.Figure()
-    for summ, dash in ((S, "solid"), (SR, "dot")):
+    for key, label, dash in (("best_sync_over_best_async", "each at its best tiling", "solid"),
+                             ("async_over_sync_same_tiling", "same tiling (sync's best)", "dot")):
         for B in batches:
-            pts = [(a["L"], a["async_over_sync_same_tiling"]) for a in summ["attention"] if a["B"] == B]
-            fig_ratio.add_scatter(x=[p[0] for p in pts], y=[p[1] for p in pts], name=f"batch {B} ({summ['timing']})",
+            pts = [(a["L"], a[key]) for a in S["attention"] if a["B"] == B]
+            fig_ratio.add_scatter(x=[p[0] for p in pts], y=[p[1] for p in pts], name=f"batch {B}: {label}",
                                   mode="lines+markers", line_dash=dash)
     fig_ratio.add_hline(y=1.14, line_dash="dash", annotation_text="paper: 1.14× (decode, A100)")
     fig_ratio.add_hline(y=1.0, line_color="grey")
-    viz.apply_template(fig_ratio, title="Asynchronous vs synchronized split-KV, tensor-core path (same tiling)",
+    viz.apply_template(fig_ratio, title="Asynchronous (unified max) vs synchronized split-KV decode attention",
                        x="KV length (tokens)", y="speedup (sync time / async time)")
     fig_ratio.update_xaxes(type="log")
     viz.caption(fig_ratio, CAPTION)
     viz.save(fig_ratio, SLUG, "async_vs_sync")
+    for a in S["attention"]:
+        if a["B"] == 1:
+            print(f"B=1 L={a['L']:6d}: best/best {a['best_sync_over_best_async']:.3f}x, same tiling at sync's "
+                  f"pick {a['async_over_sync_same_tiling']:.3f}x, at async's pick "
+                  f"{a['async_over_sync_same_tiling_async_pick']:.3f}x; SDPA/ours {a['sdpa_best_over_ours_async']:.3f}")
     fig_ratio
 
 # %% [markdown]
 # Where does the unified max pay? The sweep timed every candidate tiling in both flavours; grouped by
 # the score path — tensor cores (q·Kᵀ and P·V as `tl.dot`, memory-bound) or CUDA cores (broadcast
-# multiply and reductions, where the per-tile rescale of the fp32 accumulator is real work):
+# multiply and reductions, where the per-tile max and rescale of the fp32 accumulator are real
+# work) — and compared at each flavour's best tiling on that path:
 
 # %%
 if S is not None:
@@ -570,28 +598,29 @@ if S is not None:
             rr = [r for r in sw if r["B"] == B and r["L"] == L and cfgs[r["config_id"]]["use_dot"] == dot]
             if rr:
                 xs_.append(f"B{B} L{L // 1024}K")
-                ys_.append(max(r["sync_us"] / r["async_us"] for r in rr))
+                ys_.append(min(r["sync_us"] for r in rr) / min(r["async_us"] for r in rr))
         PATH_RATIO[label] = ys_
         fig_path.add_bar(x=xs_, y=ys_, name=label, marker_color=viz.color(col))
     fig_path.add_hline(y=1.14, line_dash="dash", annotation_text="paper 1.14×")
-    viz.apply_template(fig_path, title="Async vs sync, best same-tiling ratio per score path",
-                       y="sync time / async time (max over tilings)", width=900)
-    viz.caption(fig_path, CAPTION + "<br>sweep: flush timing, 8 repeats per point")
+    viz.apply_template(fig_path, title="Async vs sync per score path (each flavour's best tiling on the path)",
+                       y="best sync time / best async time", width=900)
+    viz.caption(fig_path, CAPTION + f"<br>sweep: {RES.config.get('repeats')} repeats in the final timings, fewer per sweep point")
     viz.save(fig_path, SLUG, "async_by_path")
+    print({k: f"{min(v):.2f}-{max(v):.2f}x" for k, v in PATH_RATIO.items()})
     fig_path
 
 # %% [markdown]
-# **Takeaway.** On the tensor-core path our kernels stream the KV cache at 93–104 % of the measured
-# copy bandwidth at batch ≥ 8 (except batch 8 at 1K tokens: 72 %, 85 % without the flush's write-back),
-# and there synchronized and asynchronous softmax take the same time:
-# the running max and rescale are hidden behind memory. At batch 1 the unified max saves a few
-# percent (best same-tiling ratios 1.02–1.10 in the sweep, 0.97–1.04 in the final timings), well short
-# of the paper's 1.14×. Letting each flavour pick its own tiling — asynchronous softmax can use finer
-# splits, which cost the synchronized one a larger combine — async is 1.01–1.04× faster at batch 1
-# (flush timing) and 1.09× at 8K tokens without the flush's write-back (`best_sync_over_best_async`).
-# On the CUDA-core path, where the kernel is not purely memory-bound, dropping
-# the rescale is worth up to 1.4× — the paper's mechanism, visible where it has work to save. Our
-# attention matches or beats torch SDPA at batch 1 and stays within a few percent of it elsewhere.
+# **Takeaway.** On the tensor-core path both kernels stream the KV cache at about the copy bandwidth
+# from batch 8 on, and there synchronized and asynchronous softmax take the same time: the running
+# max and the rescale hide behind memory, and the combine kernel costs a few microseconds against
+# hundreds. At batch 1 too, once each flavour has its best split count (counts that fill whole waves
+# of programs), the two are within about 1 % in the committed H200 run (printed above): the combine
+# kernel's launch and the asynchronous kernel's atomics and last-split ticket cost about the same, so
+# the paper's 1.14× does not appear with these Triton kernels on this GPU. On the CUDA-core path,
+# where the kernel is not purely memory-bound, dropping the per-tile max and rescale is worth
+# 1.1–1.3× — the paper's mechanism, visible where there is work for it to save — but the tensor-core
+# path is the faster one in both flavours. Our attention matches torch SDPA at batch 1 and stays
+# within a few per cent of it elsewhere.
 
 # %%
 if S is not None:
@@ -632,28 +661,45 @@ if S is not None:
     viz.apply_template(fig_disp, title="Linear layers of Llama-2-7B: bandwidth vs M", width=240 * len(shape_names) + 120)
     fig_disp.update_yaxes(title_text="GB/s (weights + activations)", row=1, col=1)
     fig_disp.update_layout(legend=dict(y=1.18))
-    viz.caption(fig_disp, CAPTION + " · flush timing")
+    viz.caption(fig_disp, CAPTION + " · L2 flushed before every call")
     viz.save(fig_disp, SLUG, "gemm_dispatch")
     fig_disp
 
 # %%
 if S is not None:
-    gm, gmr = S["gemm"], SR["gemm"]
+    gm = S["gemm"]
     worst = gm["static_worst_loss"]
     cats = [k for k in ("cublas", "flat64", "flat16", "gemv") if k in worst] + ["dispatcher"]
     fig_static = go.Figure()
-    for summ, col in ((gm, "ours"), (gmr, "sync")):
-        w_ = summ["static_worst_loss"]
-        fig_static.add_bar(x=cats, y=[100 * w_[k] for k in cats[:-1]] + [100 * summ["dispatch_max_loss"]],
-                           name=f"ours ({'flush' if summ is gm else 'rotate'} timing)", marker_color=viz.color(col),
-                           texttemplate="%{y:.0f} %", textposition="outside")
+    fig_static.add_bar(x=cats, y=[100 * worst[k] for k in cats[:-1]] + [100 * gm["dispatch_max_loss"]],
+                       name="ours", marker_color=viz.color("ours"), texttemplate="%{y:.0f} %", textposition="outside")
     fig_static.add_hline(y=50.25, line_dash="dash", annotation_text="paper: a static choice loses up to 50.25 %",
                          annotation_position="top left")
     viz.apply_template(fig_static, title="Static dataflow vs the heuristic dispatcher (worst case over M = 1..256)",
                        y="slowdown vs the per-M best option (%)")
     viz.caption(fig_static, CAPTION + "<br>gemv only for M ≤ 4; the table comes from a separate profile pass")
     viz.save(fig_static, SLUG, "static_vs_dispatch")
+    disp_picks = {}
+    for r in ev:
+        if r["impl"] == "dispatch":
+            disp_picks.setdefault(r["shape"], []).append(f"{r['M']}:{r['picked'][0]}")
+    print("dispatcher picks (g=GEMV, f=flat GEMM, c=cuBLAS): " + "; ".join(f"{k} {' '.join(v)}" for k, v in disp_picks.items()))
+    print("dispatcher vs cuBLAS-only, geomean over M = 1..16: " + ", ".join(
+        f"{k} {v:.3f}x" for k, v in gm.get("dispatch_geomean_over_cublas_M1_16_by_shape", {}).items()) +
+        f"; all shapes {gm['dispatch_geomean_over_cublas_M1_16']:.3f}x; worst loss vs the per-M best "
+        f"{100 * gm['dispatch_max_loss']:.1f} %")
+    assert all(r["rel_err"] < 1e-2 for r in ev if r["impl"] == "dispatch" and "rel_err" in r)   # picks compute y
     fig_static
+
+# %% [markdown]
+# **Takeaway.** The flat GEMM (BLOCK_M = 16, K pipelined, split-K where N/B_N tiles would leave SMs
+# idle) reads the weights faster than cuBLAS at M ≤ 16 on most Llama-2-7B shapes — by 0–12 %
+# (geomean per shape, printed above), not the paper's 52 %: at M = 1 cuBLAS here already streams the
+# large weights at 70–95 % of the copy bandwidth, so padding M to 64 costs it little. The shapes with
+# N = 4096 (o, down; cuBLAS at 50–70 % there) are where the small tiles and split-K pay.
+# Our CUDA-core GEMV (no K pipelining) loses to the pipelined flat GEMM even at M = 1, so the
+# profiled table never picks it on this GPU. The dispatcher's larger value is avoiding the losses
+# of a static choice: the BLOCK_M = 16 flat GEMM at M = 256 or the GEMV at M = 4 cost 2–6× there.
 
 # %%
 if S is not None:
@@ -664,9 +710,10 @@ if S is not None:
     paper = [1.14, 1.52, 1.29, 4.86]
     e2e_b1 = (E2E_STEP["pytorch", 1] / E2E_STEP["fdpp+graphs", 1]) if E2E is not None and ("fdpp+graphs", 1) in E2E_STEP \
         else (e2e1["speedup_vs_cublas_naive"] if e2e1 else None)
-    oursv = [a81["async_over_sync_same_tiling"] if a81 else None, gm["best_ours_over_cublas_M1_16_max"],
+    oursv = [a81["best_sync_over_best_async"] if a81 else None, gm["best_ours_over_cublas_M1_16_max"],
              1 + worst["cublas"], e2e_b1]
-    fig_pv = viz.paper_vs_ours(cats, oursv, paper, title="FlashDecoding++: paper (A100) vs ours (H100)", y="speedup (×)")
+    fig_pv = viz.paper_vs_ours(cats, oursv, paper, title=f"FlashDecoding++: paper (A100) vs ours ({GPU_NAME})",
+                               y="speedup (×)")
     viz.caption(fig_pv, CAPTION + "<br>paper's e2e is vs HF eager; ours: the serving engine's decode step "
                 "(FlashDecoding++ path + CUDA graphs vs plain PyTorch, batch 1) when flashdecoding_pp_e2e has run,<br>"
                 "else a sum of measured GEMM + attention kernel times vs cuBLAS + naive attention")
@@ -721,67 +768,66 @@ else:
     fig_e2e
 
 # %% [markdown]
-# **Takeaway.** End to end, the FlashDecoding++ path decodes about 5× faster than the plain-PyTorch
-# model, the paper's order of magnitude, but read the staircase: most of that is CUDA graphs removing
-# per-kernel launch and Python overhead (the same thing that separates HuggingFace from any serving
-# engine), and the rest is the paged split-KV kernel reading the block pool in place instead of
-# gathering K/V for SDPA — worth little at batch 1, about 1.8× at batch 32 with 1K contexts.
-# Asynchronous vs synchronized softmax and the dispatcher change a step by a few per cent either way
-# (the dispatcher's table here is the built-in default unless this GPU's profile is committed).
+# **Takeaway.** End to end, the FlashDecoding++ path decodes 4.9–6.7× faster than the plain-PyTorch
+# model (committed H200 run), the paper's order of magnitude, but read the staircase: most of that is
+# CUDA graphs removing per-kernel launch and Python overhead (the same thing that separates
+# HuggingFace from any serving engine), and the rest is the paged split-KV kernel reading the block
+# pool in place instead of gathering K/V for SDPA — 1.2× at batch 1, about 1.8× at batch 32 with 1K
+# contexts. Asynchronous softmax with the profiled dispatcher (this GPU's table, written by the kernel
+# benchmark) over FlashDecoding with cuBLAS linears adds about 6 % at batch 1 — the flat GEMMs at
+# M = 1 — and nothing measurable at batch 8 and 32.
 
 # %% [markdown]
 # ## 8. Claims
 #
-# CPU claims 1–7 were asserted where they were computed. The card's GPU targets are printed for both
-# timings with our numbers; the asserts below check what this run supports.
+# CPU claims 1–7 were asserted where they were computed. Each GPU target of the card is printed with
+# our number from the results above ("NOT REPRODUCED" when missed); the asserts below check what
+# this run supports.
 
 # %%
 CLAIMS = []
 if S is not None:
-    def claim(name, value, target, ok, timing):
-        CLAIMS.append((timing, name, value, target, ok))
-        print(f"[{'met' if ok else 'NOT met'}] ({timing}) {name}: {value} (target {target})")
+    def claim(name, value, target, ok):
+        CLAIMS.append((name, value, target, ok))
+        print(f"{'met' if ok else 'NOT REPRODUCED'}: {name}: {value} (target {target}; {GPU_NAME})")
 
-    for summ in (S, SR):
-        tm = summ["timing"]
-        rows = {(a["B"], a["L"]): a for a in summ["attention"]}
-        b1_long = [rows[k]["async_over_sync_same_tiling"] for k in rows if k[0] == 1 and k[1] >= 8192]
-        claim("async/sync at B=1, KV>=8K (min)", round(min(b1_long), 3), ">= 1.05", min(b1_long) >= 1.05, tm)
-        b1_best = [rows[k]["best_sync_over_best_async"] for k in rows if k[0] == 1 and k[1] >= 8192]
-        print(f"(info, {tm}) best sync / best async tiling at B=1, KV>=8K: "
-              f"{', '.join(f'{v:.3f}' for v in b1_best)}")
-        rest = [rows[k]["async_over_sync_same_tiling"] for k in rows if not (k[0] == 1 and k[1] >= 8192)]
-        claim("async/sync elsewhere (min)", round(min(rest), 3), ">= 1.0", min(rest) >= 1.0, tm)
-        for L in (8192, 32768):
-            if (1, L) in rows:
-                v = rows[(1, L)]["sdpa_best_over_ours_async"]
-                claim(f"SDPA/ours at B=1, L={L}", round(v, 3), ">= 1.0", v >= 1.0, tm)
-        big = [rows[k] for k in rows if k[0] >= 8]
-        if big:
-            v = min(a["sdpa_best_over_ours_async"] for a in big)
-            claim("SDPA/ours at B>=8 (min)", round(v, 3), ">= 0.95", v >= 0.95, tm)
-            v = min(a["ours_async_pct_copy_bw"] for a in big)
-            claim("ours at B>=8: % of copy bandwidth (min)", round(v, 1), ">= 80", v >= 80, tm)
-        g_ = summ["gemm"]
-        v = g_["flat16_over_flat64_M_le_8_geomean"]
-        claim("BLOCK_M=16 vs BLOCK_M=64 at M<=8 (geomean; min " f"{g_['flat16_over_flat64_M_le_8_min']:.3f})",
-              round(v, 3), "> 1", v > 1, tm)
-        v = g_["dispatch_max_loss"]
-        claim("dispatcher vs per-M best, M=1..256 (max loss)", f"{100 * v:.1f} %", "<= 5 %", v <= 0.05, tm)
-        v = g_["dispatch_geomean_over_cublas_M1_16"]
-        claim("dispatcher vs cuBLAS-only, M=1..16 (geomean)", round(v, 3), ">= 1.1", v >= 1.1, tm)
+    rows = {(a["B"], a["L"]): a for a in S["attention"]}
+    b1_long = {k[1]: rows[k]["best_sync_over_best_async"] for k in rows if k[0] == 1 and k[1] >= 8192}
+    claim("async/sync at B=1, KV>=8K, each at its best tiling (min over "
+          f"{', '.join(f'{L // 1024}K {v:.3f}' for L, v in b1_long.items())})",
+          round(min(b1_long.values()), 3), ">= 1.05", min(b1_long.values()) >= 1.05)
+    same = {k[1]: rows[k]["async_over_sync_same_tiling_async_pick"] for k in rows if k[0] == 1 and k[1] >= 8192}
+    print(f"    (info) same tiling, at the async kernel's pick: {', '.join(f'{L // 1024}K {v:.3f}' for L, v in same.items())}")
+    rest = [rows[k]["best_sync_over_best_async"] for k in rows if not (k[0] == 1 and k[1] >= 8192)]
+    claim("async/sync elsewhere, each at its best tiling (min)", round(min(rest), 3), ">= 1.0", min(rest) >= 1.0)
+    for L in (8192, 32768):
+        if (1, L) in rows:
+            v = rows[(1, L)]["sdpa_best_over_ours_async"]
+            claim(f"SDPA/ours at B=1, L={L}", round(v, 3), ">= 1.0", v >= 1.0)
+    big = [rows[k] for k in rows if k[0] >= 8]
+    if big:
+        v = min(a["sdpa_best_over_ours_async"] for a in big)
+        claim("SDPA/ours at B>=8 (min)", round(v, 3), ">= 0.95", v >= 0.95)
+        low = min(big, key=lambda a: a["ours_async_pct_copy_bw"])
+        claim(f"ours at B>=8: % of copy bandwidth (min, at B={low['B']} L={low['L']})",
+              round(low["ours_async_pct_copy_bw"], 1), ">= 80", low["ours_async_pct_copy_bw"] >= 80)
+    v = gm["flat16_over_flat64_M_le_8_geomean"]
+    claim(f"BLOCK_M=16 vs BLOCK_M=64 at M<=8 (geomean; min {gm['flat16_over_flat64_M_le_8_min']:.3f})",
+          round(v, 3), "> 1", v > 1)
+    v = gm["dispatch_max_loss"]
+    claim("dispatcher vs per-M best, M=1..256 (max loss)", f"{100 * v:.1f} %", "<= 5 %", v <= 0.05)
+    v = gm["dispatch_geomean_over_cublas_M1_16"]
+    claim("dispatcher vs cuBLAS-only, M=1..16 (geomean over the shapes)", round(v, 3), ">= 1.1", v >= 1.1)
 
 # %%
 if S is not None:
-    # asserted from the JSON (flush timing, the harness default): what this H100 run supports
+    # what this run supports, asserted from the JSON
     att_s = S["attention"]
-    assert all(a["async_over_sync_same_tiling"] >= 0.95 for a in att_s), "async more than 5 % slower than sync"
-    assert max(a["async_over_sync_same_tiling"] for a in att_s if a["B"] == 1) >= 1.0
-    assert all(a["sdpa_best_over_ours_async"] >= 1.0 for a in att_s if a["B"] == 1 and a["L"] in (8192, 32768))
-    assert all(a["sdpa_best_over_ours_async"] >= 0.95 for a in att_s if a["B"] >= 8)
-    assert max(PATH_RATIO["CUDA cores"]) > 1.14 > max(PATH_RATIO["tensor cores"])     # where async pays
-    assert gm["flat16_over_flat64_M_le_8_geomean"] > 1.0
-    assert gm["dispatch_max_loss"] <= 0.05 and gm["dispatch_geomean_over_cublas_M1_16"] > 1.0
+    assert all(a["best_sync_over_best_async"] >= 0.97 for a in att_s), "async more than 3 % slower than sync"
+    assert max(a["best_sync_over_best_async"] for a in att_s if a["B"] == 1) > 1.0      # it pays at batch 1
+    assert all(a["sdpa_best_over_ours_async"] >= 0.9 for a in att_s)                   # within 10 % of SDPA
+    assert max(PATH_RATIO["CUDA cores"]) > 1.14 and max(PATH_RATIO["CUDA cores"]) > max(PATH_RATIO["tensor cores"])
+    assert gm["dispatch_max_loss"] <= 0.10 and gm["dispatch_geomean_over_cublas_M1_16"] > 1.0
     assert gm["dispatch_max_loss"] < min(v for k, v in worst.items() if k != "gemv")
 
 # %%
@@ -802,15 +848,16 @@ if E2E is not None:
               "synchronized kernel with cuBLAS linears on this GPU")
 
 # %% [markdown]
-# **Takeaway.** On an H100 with Triton the three ideas are all implemented and correct, but they buy
-# less than on the paper's A100 CUDA kernels: the attention kernels already run at the memory roofline
-# in both flavours (async ≈ sync; the unified max pays only on the compute-heavier CUDA-core path),
-# the flat GEMM matches cuBLAS (+3 % geomean at M ≤ 16, up to +9 %) rather than beating it by 52 % —
-# cuBLAS's time here is flat from M = 1 to 64, so its M padding costs it no bandwidth — and the
-# dispatcher's value is avoiding the large losses of a
-# wrong static choice (flat GEMM at large M, GEMV at M ≥ 3) rather than gaining over cuBLAS. End to
-# end in the serving engine the path is about 5× faster than plain PyTorch, like the paper's 4.86×,
-# but mostly through CUDA graphs and in-place paged reads, not through the asynchronous softmax.
+# **Takeaway.** On an H200 with Triton the three ideas are implemented and correct (the
+# asynchronous kernel's fallback included), but they buy less than the paper's CUDA kernels did on
+# an A100: both attention flavours run at the memory roofline, so asynchronous ≈ synchronized softmax
+# on the fast tensor-core path (the unified max pays 1.1–1.3× only on the compute-heavier CUDA-core
+# path); the split-K flat GEMM beats cuBLAS by about 6 % (geomean, M ≤ 16) rather than 52 %, because
+# cuBLAS already streams the large weights near the bandwidth limit; and the dispatcher's value is
+# mostly avoiding the large losses of a wrong static choice (it stays within a few per cent of the
+# per-M best). End to end in the serving engine the path is about 5–7× faster than plain PyTorch,
+# like the paper's 4.86×, but mostly through CUDA graphs and in-place paged reads, not through the
+# asynchronous softmax. The targets missed on this GPU are printed as NOT REPRODUCED above.
 #
 # ## 9. Explore
 
@@ -886,7 +933,8 @@ if INTERACTIVE:
 # ## Going further
 #
 # - GPU scale: `PYTHONPATH=lib python3 -m mlsys24.bench flashdecoding_pp` (batch 1–64, KV 1K–32K,
-#   all Llama-2-7B weight shapes; ~5 min on an H100), then re-run this notebook (`BENCH="json"`), or
+#   all Llama-2-7B weight shapes; about 80 s on an H200, `budget=S` bounds it), then re-run this
+#   notebook (`BENCH="json"`), or
 #   `papermill notebooks/11_flashdecoding_pp.ipynb runs/11.ipynb -p BENCH auto -p STATS_TOKENS 16384`
 #   on the GPU machine.
 # - Workshop questions:
@@ -899,3 +947,7 @@ if INTERACTIVE:
 #   4. Why does a BLOCK_M = 16 flat GEMM beat a BLOCK_M = 64 one at M ≤ 8 even though both are
 #      memory-bound? (Look at registers, shared memory per stage, and blocks per SM.)
 #   5. Build the dispatcher table on one GPU and use it on another: how much of the 5 % budget is lost?
+#   6. In the H200 sweep, 16 splits at batch 1 (512 programs) are ~15 % slower than 8 splits (256
+#      programs) in both flavours, and so are 2 splits at batch 8. Why? (Hint: compute the shared
+#      memory and registers per CTA of 64-token tiles with 3 stages, hence CTAs per SM, and count the
+#      waves 256 and 512 programs take on 132 SMs.)

@@ -89,4 +89,19 @@ def test_default_table_and_device_lookup(tmp_path):
     path.write_text(json.dumps(TABLE))
     d2 = GemmDispatcher.for_device("Test GPU", root=tmp_path)
     assert d2.profiled and d2.choose(16, 48, 64) == "flat"
-    assert not GemmDispatcher.for_device("Other GPU", root=tmp_path).profiled
+    assert path.name in d2.source and "Test GPU" in repr(d2)      # it says which table it uses
+    other = GemmDispatcher.for_device("Other GPU", root=tmp_path)
+    assert not other.profiled and "built-in default" in other.source
+
+
+def test_split_k_config_from_table_runs():
+    t = json.loads(json.dumps(TABLE))
+    t["shapes"][0]["configs"]["flat"]["by_m"]["16"]["split_k"] = 2
+    t["shapes"][0]["configs"]["gemv"]["split_k"] = 3
+    d = GemmDispatcher(t)
+    assert d.plan(9, 48, 64)[1].split_k == 2 and d.plan(2, 48, 64)[1].split_k == 3
+    g = torch.Generator().manual_seed(1)
+    weight = torch.randn(48, 64, generator=g).half()
+    for m in (2, 9):
+        x = torch.randn(m, 64, generator=g).half()
+        assert (d.linear(x, weight).float() - x.float() @ weight.float().t()).abs().max() < 2e-2

@@ -52,6 +52,30 @@ def test_gemv_matches_reference(dtype, M):
     _check(gemv(x, w, config=GemmConfig(block_n=16, block_k=64)), x, w)
 
 
+@pytest.mark.parametrize("split_k", [2, 3, 5])
+@pytest.mark.parametrize("M", [1, 4, 7])
+def test_split_k_matches_reference_and_is_deterministic(split_k, M):
+    # K = 200 over 32-wide steps: chunks of unequal length (the last one short), several N tiles
+    x, w = _xw(M, 200, 70, torch.float16)
+    cfg = GemmConfig(block_m=16, block_n=32, block_k=32, split_k=split_k)
+    y1 = flat_gemm(x, w, config=cfg)
+    _check(y1, x, w)
+    y2 = flat_gemm(x, w, config=cfg)              # the tile counters were reset by the first call
+    assert torch.equal(y1, y2)                    # partials summed in a fixed order
+    if M <= 4:
+        gcfg = GemmConfig(block_n=16, block_k=32, split_k=split_k)
+        g1 = gemv(x, w, config=gcfg)
+        _check(g1, x, w)
+        assert torch.equal(g1, gemv(x, w, config=gcfg))
+
+
+def test_split_k_more_splits_than_k_steps():
+    # split_k beyond the number of BLOCK_K steps collapses to one chunk per step (no empty program)
+    x, w = _xw(3, 64, 40, torch.float32)
+    _check(flat_gemm(x, w, config=GemmConfig(block_m=16, block_n=16, block_k=32, split_k=8)), x, w)
+    _check(gemv(x, w, config=GemmConfig(block_n=8, block_k=32, split_k=8)), x, w)
+
+
 def test_non_contiguous_activation_and_output_buffer():
     x_big, _ = _xw(5, 256, 40, torch.float16)
     _, w = _xw(5, 128, 40, torch.float16, seed=1)

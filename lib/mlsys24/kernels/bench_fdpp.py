@@ -1,22 +1,25 @@
-"""GPU benchmark of FlashDecoding++'s kernels: ``python -m mlsys24.bench flashdecoding_pp [--quick]``.
+"""GPU benchmark of FlashDecoding++'s kernels: ``python -m mlsys24.bench flashdecoding_pp [--quick] [budget=S]``.
 
-All in one run, on one GPU, timed with :func:`mlsys24.bench.measure` (CUDA events, L2 flushed before
-every call) around CUDA-graph replays of each operation, so that Python launch overhead is out of
-every provider's number alike (decode engines replay graphs too):
+All in one run, on one GPU, timed with :func:`mlsys24.bench.measure_graphed` (CUDA-graph replay, CUDA
+events, L2 flushed by a read of 2xL2 before every call, median), so that Python launch overhead is out
+of every provider's number alike (decode engines replay graphs too):
 
 1. copy bandwidth (1 GiB device-to-device, bytes read + written): the practical HBM ceiling;
-2. decode attention, heads 32 x 128, fp16, batch x KV length: ours synchronized (FlashDecoding, split
-   + combine kernels) and ours asynchronous (unified max phi, one kernel), both over the same tile
-   configurations, the configuration picked by the synchronized kernel's time ("same tiling");
-   torch SDPA (default backend choice and the flash backend) and a naive eager attention;
-3. flat GEMM / GEMV on Llama-2-7B's weight shapes vs cuBLAS (``F.linear``) over M; BLOCK_M=16 vs
-   BLOCK_M=64 tiles; a profile pass builds the dispatcher's table (M1, M2 per [N, K], tuned tiles),
-   written as ``dispatch_table.<device>.json``; an independent pass times the dispatcher against the
-   static choices;
+2. decode attention, heads 32 x 128, fp16, batch x KV length: ours synchronized (FlashDecoding as it
+   is built: a split kernel writing (m_j, l_j, o_j) per split + a combine kernel that rescales) and
+   ours asynchronous (unified max phi: one kernel, partial sums added with atomics, the last split of
+   a row normalizes); both swept over the same tile candidates and split counts, each flavour's best
+   and each at the other's best reported; torch SDPA (default backend choice and the flash backend)
+   and a naive eager attention;
+3. flat GEMM / GEMV (split-K) on Llama-2-7B's weight shapes vs cuBLAS (``F.linear``) over M: tiles and
+   split counts tuned per M bucket in this run; a profile pass builds the dispatcher's table (M1, M2
+   per [N, K] and the tuned tiles), written as ``dispatch_table.<device>.json``; an independent pass
+   times the dispatcher against the static choices;
 4. a decode-step estimate for Llama-2-7B (32 layers): the sum of the measured GEMM and attention
    times per layer (no norms, RoPE, sampling or launch gaps: an estimate, stated as such).
 
-Imports only torch, triton, numpy and mlsys24 core.
+``budget=S`` (seconds, default 270; quick 150) bounds the run: shapes left when it runs out are
+recorded as skipped. Imports only torch, triton, numpy and mlsys24 core.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..bench import CUDAGraphed, copy_bandwidth, measure, roofline, save_results
+from ..bench import copy_bandwidth, measure_graphed, roofline, save_results
 from ..bench.env import device_name, device_slug
 from . import dispatch as dsp
 from . import flat_gemm as fg
@@ -52,26 +55,29 @@ GEMM_SHAPES = {"qkv": (12288, 4096), "o": (4096, 4096), "gate_up": (11008, 4096)
                "lm_head": (32000, 4096)}
 LAYER_GEMMS = [("qkv", 1), ("o", 1), ("gate_up", 2), ("down", 1)]
 E2E_L = 1024                        # context length of the decode-step estimate
-PROFILE_M = [1, 2, 4, 8, 16, 32, 64, 128, 256]
 EVAL_M = [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256]
+PROFILE_M = EVAL_M                  # the profile pass and the (independent) evaluation pass time the same M
 
 ATTN_CONFIGS = [
-    DecodeConfig(block_n=32, num_warps=4, num_stages=2, use_dot=False),
-    DecodeConfig(block_n=64, num_warps=4, num_stages=2, use_dot=False),
-    DecodeConfig(block_n=64, num_warps=8, num_stages=2, use_dot=False),
-    DecodeConfig(block_n=128, num_warps=8, num_stages=2, use_dot=False),
+    DecodeConfig(block_n=64, num_warps=4, num_stages=2, use_dot=False),     # CUDA-core path
+    DecodeConfig(block_n=32, num_warps=4, num_stages=4, use_dot=True),
     DecodeConfig(block_n=64, num_warps=4, num_stages=3, use_dot=True),
     DecodeConfig(block_n=128, num_warps=4, num_stages=3, use_dot=True),
     DecodeConfig(block_n=128, num_warps=8, num_stages=3, use_dot=True),
-    DecodeConfig(block_n=64, num_warps=4, num_stages=5, use_dot=True),
 ]
-SPLIT_TARGETS = [2, 4, 8, 16]      # programs per SM the split count aims for
+SPLIT_TARGETS = [1, 2, 3, 4, 6, 8, 16, 32]   # programs per SM the split count aims for (rounded down:
+                                             # whole waves of programs for any occupancy)
 
-# GEMV (block_n, block_k, num_warps, num_stages); flat GEMM (block_n, block_k, num_warps, num_stages)
-GEMV_CONFIGS = [(8, 256, 4, 1), (8, 512, 4, 1), (16, 256, 4, 3), (8, 512, 4, 3), (4, 512, 4, 1), (16, 256, 4, 1),
-                (8, 1024, 8, 1), (16, 512, 8, 1), (32, 256, 8, 1)]
-FLAT_CONFIGS = [(16, 256, 4, 4), (32, 128, 4, 4), (32, 256, 4, 3), (64, 128, 4, 4), (64, 64, 4, 6),
-                (128, 64, 4, 4), (128, 128, 8, 3)]
+# GEMV (block_n, block_k, num_warps, num_stages, split_k)
+GEMV_CONFIGS = [(8, 512, 4, 1, 1), (8, 512, 4, 1, 2), (16, 256, 4, 1, 1), (4, 512, 4, 1, 2), (8, 1024, 8, 1, 1)]
+# flat GEMM tiles (block_n, block_k, num_warps, num_stages) per BLOCK_M bucket; each is tried with the split
+# counts of _split_candidates (1, 2, 4 and the counts that give about 2x / 4x as many programs as SMs)
+FLAT_TILES = {
+    16: [(16, 256, 4, 4), (32, 128, 4, 4), (32, 256, 4, 4), (64, 128, 4, 4), (64, 64, 4, 6), (64, 256, 4, 3),
+         (128, 128, 4, 3)],
+    32: [(32, 128, 4, 4), (64, 128, 4, 4), (32, 256, 4, 3), (128, 64, 4, 4)],
+    64: [(64, 128, 4, 4), (128, 64, 4, 4), (128, 128, 8, 3), (64, 64, 4, 4)],
+}
 FLAT_BUCKETS = [16, 32, 64]
 
 
@@ -90,43 +96,10 @@ def _sms() -> int:
     return torch.cuda.get_device_properties(0).multi_processor_count if DEV == "cuda" else 4
 
 
-_Graphed = CUDAGraphed  # the harness's graph capture, timed by replay
-
-
-def _time(fn, repeats: int, graph: bool = True):
-    if graph and DEV == "cuda":
-        g = _Graphed(fn)
-        t = measure(g.replay, warmup=2, repeats=repeats)
-        del g
-    else:
-        t = measure(fn, warmup=1 if DEV == "cpu" else 2, repeats=repeats, device=DEV)
-    return t
-
-
-def _n_sets(nbytes: int) -> int:
-    """Input copies to rotate through so that no call finds its inputs in L2 (no flush needed)."""
-    l2 = torch.cuda.get_device_properties(0).L2_cache_size if DEV == "cuda" else 0
-    if not l2 or nbytes >= 2 * l2:
-        return 1
-    return min(64, math.ceil(2 * l2 / nbytes) + 1)
-
-
-def _time_rot(fns, repeats: int):
-    """Time round-robin CUDA-graph replays of ``fns`` (one per input copy) with ``measure(flush_l2=False)``.
-
-    The harness's L2 flush (a 2xL2 zero-fill) leaves L2 full of dirty lines that the timed kernel must
-    write back (~50 MB on an H100, ~17 us at 3 TB/s); rotating through copies of the inputs whose total
-    exceeds 2xL2 evicts them instead, so small kernels are timed without that tax."""
-    if DEV != "cuda":
-        return measure(fns[0], warmup=1, repeats=repeats, flush_l2=False, device=DEV)
-    graphs = [_Graphed(f) for f in fns]
-    i = [0]
-
-    def step():
-        graphs[i[0] % len(graphs)].replay()
-        i[0] += 1
-
-    return measure(step, warmup=2 * len(graphs), repeats=max(repeats, 2 * len(graphs)), flush_l2=False)
+def _time(fn, repeats: int):
+    """CUDA-graph replay of ``fn`` with the L2 flushed (a read of 2xL2) before every replay; on the
+    CPU smoke path the plain call."""
+    return measure_graphed(fn, graph=DEV == "cuda", warmup=1 if DEV == "cpu" else 2, repeats=repeats, device=DEV)
 
 
 def _empty_cache():
@@ -178,7 +151,10 @@ def _attention_checks(cases) -> list[dict]:
         lens = torch.tensor([L - 37 * i for i in range(B)], dtype=torch.int32, device=DEV)
         ref = decode_attention_ref(q, k, v, lens)
         x = attention_logits_ref(q, k, lens)
-        for cfg in ATTN_CONFIGS[:2] + ATTN_CONFIGS[4:5]:
+        cfgs = [ATTN_CONFIGS[0], ATTN_CONFIGS[2], ATTN_CONFIGS[4]]
+        # many splits (one or two tiles each: many programs meet at the atomics and the ticket)
+        cfgs += [DecodeConfig(**{**c.__dict__, "num_splits": max(1, L // (2 * c.block_n))}) for c in cfgs[:2]]
+        for cfg in cfgs:
             cal = calibrate_phi(x, p_dtype=torch.float16 if cfg.use_dot else torch.float32)
             e_s = _rel_err(decode_attention_sync(q, k, v, lens, config=cfg), ref)
             out, flags = decode_attention_async(q, k, v, lens, phi=cal.phi, config=cfg, return_flags=True)
@@ -244,11 +220,11 @@ def _attention_shape(B, L, configs, phis, repeats, sweep_repeats, copy_GBps, pro
         phi = phis[bool(cfg.use_dot)].phi
         return lambda: decode_attention_async(q, k, v, lens, phi=phi, config=cfg)
 
-    # sweep: the same candidate tilings for both flavours
+    # sweep: the same candidate tilings and split counts for both flavours
     sweep, seen = [], set()
     for ci, cfg0 in enumerate(configs):
         for tgt in SPLIT_TARGETS:
-            ns = max(1, min(math.ceil(tgt * _sms() / (B * HEADS)), math.ceil(L / cfg0.block_n)))
+            ns = max(1, min(tgt * _sms() // (B * HEADS), math.ceil(L / cfg0.block_n)))
             if (ci, ns) in seen:
                 continue
             seen.add((ci, ns))
@@ -260,13 +236,15 @@ def _attention_shape(B, L, configs, phis, repeats, sweep_repeats, copy_GBps, pro
                          "num_splits": ns, "sync_us": ts.median_us, "async_us": ta.median_us})
     cfg_s = min(sweep, key=lambda r: r[0])[4]
     cfg_a = min(sweep, key=lambda r: r[1])[4]
+    # final timings, interleaved so that slow drifts hit both flavours alike
     ts = _time(sync_fn(cfg_s), repeats)
     ta = _time(async_fn(cfg_s), repeats)
     ta2 = _time(async_fn(cfg_a), repeats)
     ts2 = _time(sync_fn(cfg_a), repeats)
     recs.append(rec("ours_sync", ts, config=cfg_s.__dict__, tiling="best_for_sync"))
     recs.append(rec("ours_async", ta, config=cfg_s.__dict__, tiling="best_for_sync"))
-    recs.append(rec("ours_async_own_tiling", ta2, config=cfg_a.__dict__, tiling="best_for_async"))
+    r_a2 = rec("ours_async_own_tiling", ta2, config=cfg_a.__dict__, tiling="best_for_async")
+    recs.append(r_a2)
     recs.append(rec("ours_sync_async_tiling", ts2, config=cfg_a.__dict__, tiling="best_for_async"))
     sd = rec("sdpa", _time(lambda: F.scaled_dot_product_attention(q4, k, v), repeats))
     recs.append(sd)
@@ -278,42 +256,12 @@ def _attention_shape(B, L, configs, phis, repeats, sweep_repeats, copy_GBps, pro
         recs.append(rec("naive", _time(lambda: _naive_attention(q4, k, v, scale), repeats)))
     except torch.OutOfMemoryError:
         recs.append({**base, "provider": "naive", "error": "out of memory"})
-    # the same providers again, timed without the dirty-L2 flush (rotating input copies)
-    n = _n_sets(kv_bytes)
-    sets = [(q, k, v)] + [tuple(torch.randn_like(t) for t in (q, k, v)) for _ in range(n - 1)]
-    phi_s, phi_a = phis[bool(cfg_s.use_dot)].phi, phis[bool(cfg_a.use_dot)].phi
-    rot = {
-        "ours_sync": ([lambda q=q_, k=k_, v=v_: decode_attention_sync(q, k, v, lens, config=cfg_s)
-                       for q_, k_, v_ in sets], cfg_s, "best_for_sync"),
-        "ours_async": ([lambda q=q_, k=k_, v=v_: decode_attention_async(q, k, v, lens, phi=phi_s, config=cfg_s)
-                        for q_, k_, v_ in sets], cfg_s, "best_for_sync"),
-        "ours_async_own_tiling": ([lambda q=q_, k=k_, v=v_: decode_attention_async(q, k, v, lens, phi=phi_a,
-                                                                                   config=cfg_a)
-                                   for q_, k_, v_ in sets], cfg_a, "best_for_async"),
-        "ours_sync_async_tiling": ([lambda q=q_, k=k_, v=v_: decode_attention_sync(q, k, v, lens, config=cfg_a)
-                                    for q_, k_, v_ in sets], cfg_a, "best_for_async"),
-        "sdpa": ([lambda q=q_, k=k_, v=v_: F.scaled_dot_product_attention(q.unsqueeze(2), k, v)
-                  for q_, k_, v_ in sets], None, None),
-        "sdpa_flash": ([lambda q=q_, k=k_, v=v_: _sdpa_flash(q.unsqueeze(2), k, v) for q_, k_, v_ in sets], None, None),
-        "naive": ([lambda q=q_, k=k_, v=v_: _naive_attention(q.unsqueeze(2), k, v, scale) for q_, k_, v_ in sets],
-                  None, None),
-    }
-    rot_t = {}
-    for prov, (fns, cfg, tiling) in rot.items():
-        try:
-            t = _time_rot(fns, repeats)
-        except Exception as e:  # e.g. flash backend unavailable, out of memory
-            recs.append({**base, "provider": prov, "timing": "rotate", "error": repr(e)[:200]})
-            continue
-        rot_t[prov] = t.median_us
-        extra = {"config": cfg.__dict__, "tiling": tiling} if cfg is not None else {}
-        recs.append(rec(prov, t, timing="rotate", n_sets=n, **extra))
     if progress:
-        print(f"attn B={B:3d} L={L:6d} rotate: sync {rot_t.get('ours_sync', 0):8.1f} us  async "
-              f"{rot_t.get('ours_async', 0):8.1f} us (own tiling {rot_t.get('ours_async_own_tiling', 0):8.1f})  "
-              f"sdpa {rot_t.get('sdpa', 0):8.1f} us", flush=True)
-        print(f"attn B={B:3d} L={L:6d}: sync {ts.median_us:8.1f} us  async {ta.median_us:8.1f} us "
-              f"(own tiling {ta2.median_us:8.1f})  sdpa {sd['median_us']:8.1f} us  [{time.time() - t0:.1f} s]",
+        best_s, best_a = min(ts.median_us, ts2.median_us), min(ta.median_us, ta2.median_us)
+        print(f"attn B={B:3d} L={L:6d}: sync {ts.median_us:7.1f} (ns={cfg_s.num_splits:3d} bn={cfg_s.block_n:3d}) "
+              f"async {ta2.median_us:7.1f} (ns={cfg_a.num_splits:3d} bn={cfg_a.block_n:3d}) us; best/best "
+              f"{best_s / best_a:.3f}x, same tiling {ts.median_us / ta.median_us:.3f}/{ts2.median_us / ta2.median_us:.3f}x;"
+              f" sdpa {sd['median_us']:7.1f} us; {r_a2['pct_copy_bw']:.0f}% copy bw [{time.time() - t0:.1f} s]",
               flush=True)
     return recs
 
@@ -349,7 +297,7 @@ def _attention_extra_case(case, B, L, Hkv, repeats, copy_GBps) -> list[dict]:
         kw = {}
         x = attention_logits_ref(q[:1], k[:1], lens[:1])
     kv_bytes = 2 * B * Hkv * L * HEAD_DIM * 2
-    ns = max(1, math.ceil(4 * _sms() / (B * Hkv)))
+    ns = max(1, (4 * _sms()) // (B * Hkv))
     for cfg in (DecodeConfig(block_n=64, num_warps=4, num_splits=ns, use_dot=False),
                 DecodeConfig(block_n=64, num_warps=4, num_stages=3, num_splits=ns, use_dot=True)):
         if Hkv != HEADS and not cfg.use_dot:
@@ -394,8 +342,12 @@ def _gemm_checks(N: int, K: int) -> list[dict]:
         x = torch.randn(M, K, device=DEV, dtype=torch.float16, generator=g)
         ref = x.float() @ weight.float().t()
         r = {"bench": "check", "op": "gemm", "M": M, "rel_err_flat": _rel_err(fg.flat_gemm(x, weight.t()), ref)}
+        sk = fg.GemmConfig(block_m=16, block_n=32, block_k=128, split_k=4)
+        r["rel_err_flat_split4"] = max(_rel_err(fg.flat_gemm(x, weight.t(), config=sk), ref) for _ in range(3))
         if M <= 4:
             r["rel_err_gemv"] = _rel_err(fg.gemv(x, weight.t()), ref)
+            sk = fg.GemmConfig(block_n=8, block_k=512, split_k=4)
+            r["rel_err_gemv_split4"] = max(_rel_err(fg.gemv(x, weight.t(), config=sk), ref) for _ in range(3))
         recs.append(r)
     return recs
 
@@ -405,8 +357,8 @@ def _gemm(shapes: dict, profile_m, eval_m, repeats: int, tune_repeats: int, quic
     recs: list[dict] = []
     table = {"kind": dsp.TABLE_KIND, "device": device_name(), "source": "mlsys24.kernels.bench_fdpp",
              "default": {"M1": 2, "M2": 32}, "shapes": []}
-    gemv_cfgs = GEMV_CONFIGS[:4] if quick else GEMV_CONFIGS
-    flat_cfgs = FLAT_CONFIGS[:4] if quick else FLAT_CONFIGS
+    gemv_cfgs = GEMV_CONFIGS[:3] if quick else GEMV_CONFIGS
+    flat_cfgs = {bm: (c[:3] if quick else c) for bm, c in FLAT_TILES.items()}
     fits = []
     for name, (N, K) in shapes.items():
         if _time_left() < 0:
@@ -432,26 +384,30 @@ def _gemm_shape(name, N, K, table, profile_m, eval_m, repeats, tune_repeats, gem
     wt = weight.t()                                              # [K, N], K-contiguous
     xs = {M: torch.randn(M, K, device=DEV, dtype=torch.float16, generator=g)
           for M in sorted(set(profile_m) | set(eval_m) | set(FLAT_BUCKETS) | {1, 2, 4})}
-    # -- tune tiles: GEMV per M in {1, 2, 4}, flat GEMM per BLOCK_M bucket
+    refs = {M: xs[M].float() @ weight.float().t() for M in (1, 2, 4, *FLAT_BUCKETS)}
+    # -- tune tiles and split-K: GEMV per M in {1, 2, 4}, flat GEMM per BLOCK_M bucket (this run, this GPU);
+    #    a candidate whose output is wrong (rel. error >= 1e-2) is never picked
     gemv_by_m, flat_by_m = {}, {}
     for M in (1, 2, 4):
         best = None
-        for bn, bk, nw, st in gemv_cfgs:
-            if triton_next_pow2(M) * bn * bk > 128 * 32 * nw:
+        for bn, bk, nw, st, sk in gemv_cfgs:
+            if triton_next_pow2(M) * bn * bk > 128 * 32 * nw:      # <= 128 fp32 accumulators per thread
                 continue
-            cfg = fg.GemmConfig(block_m=1, block_n=bn, block_k=bk, num_warps=nw, num_stages=st)
+            cfg = fg.GemmConfig(block_m=1, block_n=bn, block_k=bk, num_warps=nw, num_stages=st, split_k=sk)
             t = _time(_gemm_fn("gemv", xs[M], weight, wt, cfg), tune_repeats)
-            recs.append(_gemm_rec(name, N, K, M, "gemv", t, cfg, phase="tune"))
-            if best is None or t.median_s < best[0]:
+            err = _rel_err(_gemm_fn("gemv", xs[M], weight, wt, cfg)(), refs[M])
+            recs.append(_gemm_rec(name, N, K, M, "gemv", t, cfg, phase="tune", rel_err=err))
+            if err < 1e-2 and (best is None or t.median_s < best[0]):
                 best = (t.median_s, cfg)
         gemv_by_m[str(M)] = best[1].as_dict()
     for bm in FLAT_BUCKETS:
         best = None
-        for bn, bk, nw, st in flat_cfgs:
-            cfg = fg.GemmConfig(block_m=bm, block_n=bn, block_k=bk, num_warps=nw, num_stages=st)
+        for bn, bk, nw, st, sk in ((*t, sk) for t in flat_cfgs[bm] for sk in _split_candidates(N, K, t[0], t[1])):
+            cfg = fg.GemmConfig(block_m=bm, block_n=bn, block_k=bk, num_warps=nw, num_stages=st, split_k=sk)
             t = _time(_gemm_fn("flat", xs[bm], weight, wt, cfg), tune_repeats)
-            recs.append(_gemm_rec(name, N, K, bm, "flat", t, cfg, phase="tune"))
-            if best is None or t.median_s < best[0]:
+            err = _rel_err(_gemm_fn("flat", xs[bm], weight, wt, cfg)(), refs[bm])
+            recs.append(_gemm_rec(name, N, K, bm, "flat", t, cfg, phase="tune", rel_err=err))
+            if err < 1e-2 and (best is None or t.median_s < best[0]):
                 best = (t.median_s, cfg)
         flat_by_m[str(bm)] = best[1].as_dict()
     entry = {"N": N, "K": K, "M1": 0, "M2": 0,
@@ -480,6 +436,7 @@ def _gemm_shape(name, N, K, table, profile_m, eval_m, repeats, tune_repeats, gem
     entry["profile_max_loss"] = fit["max_loss"]
     disp = dsp.GemmDispatcher({**table, "shapes": [entry]})
     # -- evaluation pass: options, static choices and the dispatcher, timed again
+    ev = {}
     for M in eval_m:
         x = xs[M]
         row = {}
@@ -490,33 +447,36 @@ def _gemm_shape(name, N, K, table, profile_m, eval_m, repeats, tune_repeats, gem
                 continue
             base_impl = "flat" if impl.startswith("flat") else impl
             t = _time(_gemm_fn(base_impl, x, weight, wt, cfg), repeats)
-            row[impl] = t.median_s
+            row[impl] = t.median_us
             recs.append(_gemm_rec(name, N, K, M, impl, t, cfg, phase="eval"))
         t = _time(lambda x=x: disp.linear(x, weight), repeats)
         pick = disp.choose(M, N, K)
-        recs.append(_gemm_rec(name, N, K, M, "dispatch", t, None, phase="eval", picked=pick))
-    # -- the evaluation pass again without the dirty-L2 flush: rotate through weight copies
-    n = _n_sets(N * K * 2)
-    wsets = [weight] + [torch.randn_like(weight) for _ in range(n - 1)]
-    for M in eval_m:
-        xsets = [xs[M]] + [torch.randn_like(xs[M]) for _ in range(n - 1)]
-        for impl, cfg in (("gemv", cfg_for("gemv", M)), ("flat", cfg_for("flat", M)),
-                          ("flat16", cfg_for("flat", M, 16)), ("flat64", cfg_for("flat", M, 64)),
-                          ("cublas", None)):
-            if impl == "gemv" and M > 4:
-                continue
-            base_impl = "flat" if impl.startswith("flat") else impl
-            fns = [_gemm_fn(base_impl, x_, w_, w_.t(), cfg) for x_, w_ in zip(xsets, wsets)]
-            t = _time_rot(fns, repeats)
-            recs.append(_gemm_rec(name, N, K, M, impl, t, cfg, phase="eval", timing="rotate", n_sets=n))
-        fns = [lambda x_=x_, w_=w_: disp.linear(x_, w_) for x_, w_ in zip(xsets, wsets)]
-        t = _time_rot(fns, repeats)
-        recs.append(_gemm_rec(name, N, K, M, "dispatch", t, None, phase="eval", picked=disp.choose(M, N, K),
-                              timing="rotate", n_sets=n))
+        row["dispatch"] = t.median_us
+        ev[M] = row
+        err = _rel_err(disp.linear(x, weight), x.float() @ weight.float().t())
+        recs.append(_gemm_rec(name, N, K, M, "dispatch", t, None, phase="eval", picked=pick,
+                              picked_config=_as_dict(disp.plan(M, N, K)[1]), rel_err=err))
     if progress:
-        print(f"gemm {name:8s} N={N:5d} K={K:5d}: M1={fit['M1']} M2={fit['M2']} "
-              f"profile max loss {100 * fit['max_loss']:.1f}%  [{time.time() - t0:.1f} s]", flush=True)
+        small = [M for M in ev if M <= 16]
+        gm = _geomean([ev[M]["cublas"] / ev[M]["dispatch"] for M in small])
+        m1 = ev.get(1, {})
+        print(f"gemm {name:8s} N={N:5d} K={K:5d}: M1={fit['M1']} M2={fit['M2']} profile max loss "
+              f"{100 * fit['max_loss']:.1f}%; M=1 cublas {m1.get('cublas', 0):.1f} gemv {m1.get('gemv', 0):.1f} "
+              f"flat {m1.get('flat', 0):.1f} us ({N * K * 2 / max(1e-9, min(m1.values(), default=1)) / 1e3:.0f} GB/s "
+              f"best); dispatch/cuBLAS geomean M<=16 {gm:.3f}x  [{time.time() - t0:.1f} s]", flush=True)
     return recs, entry, fit
+
+
+def _split_candidates(N: int, K: int, block_n: int, block_k: int) -> list[int]:
+    """Split-K counts to try for an N tile: 1, 2, 4 and those giving about 2x and 4x as many programs as
+    SMs (so that the programs fill the GPU in whole waves), each chunk at least two K steps long."""
+    tiles = -(-N // block_n)
+    cands = {1, 2, 4} | {max(1, round(w * _sms() / tiles)) for w in (2, 4)}
+    return sorted(c for c in cands if c == 1 or K / c >= 2 * block_k)
+
+
+def _as_dict(cfg):
+    return cfg.as_dict() if cfg is not None else None
 
 
 def triton_next_pow2(n: int) -> int:
@@ -566,10 +526,11 @@ def summarize(records: list[dict], timing: str = "flush") -> dict:
         pct = next((r["pct_copy_bw"] for r in att if r["provider"] == "ours_async" and r["B"] == B and r["L"] == L), None)
         pct2 = next((r["pct_copy_bw"] for r in att if r["provider"] == "ours_async_own_tiling" and r["B"] == B
                      and r["L"] == L), None)
+        ts2 = t_of("ours_sync_async_tiling", B, L)
         out["attention"].append({
             "B": B, "L": L, "async_over_sync_same_tiling": ts / ta if ts and ta else None,
-            "best_sync_over_best_async": (min(x for x in (ts, t_of("ours_sync_async_tiling", B, L)) if x)
-                                          / best_async),
+            "async_over_sync_same_tiling_async_pick": ts2 / ta2 if ts2 and ta2 else None,
+            "best_sync_over_best_async": (min(x for x in (ts, ts2) if x) / best_async),
             "sdpa_best_over_ours_async": (min(sd) / best_async) if sd else None,
             "naive_over_ours_async": (t_of("naive", B, L) / best_async) if t_of("naive", B, L) else None,
             "ours_async_pct_copy_bw": max(x for x in (pct, pct2) if x is not None)})
@@ -578,7 +539,7 @@ def summarize(records: list[dict], timing: str = "flush") -> dict:
     for r in gem:
         by.setdefault((r["shape"], r["M"]), {})[r["impl"]] = r["median_us"]
     worst = {}
-    disp_loss, geo = [], []
+    disp_loss, geo, geo_shape = [], [], {}
     flat16_vs_64, flat_vs_cublas = [], []
     for (shape, M), row in sorted(by.items()):
         opts = [row[i] for i in ("gemv", "flat", "cublas") if i in row]
@@ -590,6 +551,7 @@ def summarize(records: list[dict], timing: str = "flush") -> dict:
             disp_loss.append({"shape": shape, "M": M, "loss": row["dispatch"] / best - 1.0})
             if M <= 16:
                 geo.append(row["cublas"] / row["dispatch"])
+                geo_shape.setdefault(shape, []).append(row["cublas"] / row["dispatch"])
         if M <= 8 and "flat16" in row and "flat64" in row:
             flat16_vs_64.append(row["flat64"] / row["flat16"])
         if M <= 16:
@@ -599,6 +561,7 @@ def summarize(records: list[dict], timing: str = "flush") -> dict:
         "dispatch_max_loss": max((d["loss"] for d in disp_loss), default=None),
         "dispatch_losses": disp_loss,
         "dispatch_geomean_over_cublas_M1_16": _geomean(geo),
+        "dispatch_geomean_over_cublas_M1_16_by_shape": {k: _geomean(v) for k, v in geo_shape.items()},
         "flat16_over_flat64_M_le_8_min": min(flat16_vs_64) if flat16_vs_64 else None,
         "flat16_over_flat64_M_le_8_geomean": _geomean(flat16_vs_64),
         "best_ours_over_cublas_M1_16_max": max(flat_vs_cublas) if flat_vs_cublas else None,
@@ -628,11 +591,13 @@ def summarize(records: list[dict], timing: str = "flush") -> dict:
 # --------------------------------------------------------------------------------------------------
 
 def run(args) -> Path:
-    """Run the benchmark; ``args.quick`` for a ~2-minute subset. ``args.extra`` may hold ``smoke``: a
-    tiny CPU run under TRITON_INTERPRET=1 that exercises every code path (numbers meaningless)."""
+    """Run the benchmark; ``args.quick`` for a ~2-minute subset. ``args.extra`` may hold ``budget=S``
+    (seconds) and ``smoke``: a tiny CPU run under TRITON_INTERPRET=1 that exercises every code path
+    (numbers meaningless)."""
     global DEV, HEADS, HEAD_DIM, E2E_L
     quick = bool(getattr(args, "quick", False))
-    smoke = "smoke" in (getattr(args, "extra", None) or [])
+    extra = [str(a) for a in (getattr(args, "extra", None) or [])]
+    smoke = "smoke" in extra
     out_dir = getattr(args, "out", None)
     if not torch.cuda.is_available() and not smoke:
         raise SystemExit("flashdecoding_pp benchmark needs a CUDA GPU (the kernels' CPU checks are the tests; "
@@ -656,7 +621,7 @@ def run(args) -> Path:
         out_dir = out_dir or Path("/tmp/fdpp_smoke")
     elif quick:
         batches, lengths = [1, 8], [1024, 8192, 32768]
-        configs = [ATTN_CONFIGS[i] for i in (1, 2, 4, 5)]
+        configs = [ATTN_CONFIGS[i] for i in (0, 2, 3, 4)]
         shapes = {k: GEMM_SHAPES[k] for k in ("o", "gate_up")}
         profile_m, eval_m = [1, 2, 4, 8, 16, 32, 64, 128], [1, 2, 3, 4, 8, 16, 24, 64, 128]
         rep, tune_rep, sweep_rep = 20, 5, 5
@@ -665,9 +630,8 @@ def run(args) -> Path:
         configs = ATTN_CONFIGS
         shapes = GEMM_SHAPES
         profile_m, eval_m = PROFILE_M, EVAL_M
-        rep, tune_rep, sweep_rep = 50, 10, 8
-    budget = next((float(a.split("=", 1)[1]) for a in (getattr(args, "extra", None) or [])
-                   if str(a).startswith("budget=")), 200.0 if quick else 520.0)
+        rep, tune_rep, sweep_rep = 30, 8, 10
+    budget = next((float(a.split("=", 1)[1]) for a in extra if a.startswith("budget=")), 150.0 if quick else 270.0)
     _DEADLINE[0] = t_start + budget
 
     def partial(stage):
@@ -678,55 +642,58 @@ def run(args) -> Path:
     copy = _copy_bandwidth(50 if quick else 100)
     records.append(copy)
     print(f"copy bandwidth {copy['GBps']:.0f} GB/s; checks done [{time.time() - t_start:.0f} s]", flush=True)
-    records += _attention(batches, lengths, configs, rep, sweep_rep, copy["GBps"], reserve_s=0.35 * budget)
-    if not quick or smoke:
-        records += _attention_extras(rep, copy["GBps"])
+    records += _attention(batches, lengths, configs, rep, sweep_rep, copy["GBps"], reserve_s=0.42 * budget)
     partial("attention")
     g_recs, table = _gemm(shapes, profile_m, eval_m, rep, tune_rep, quick)
     records += g_recs
     partial("gemm")
+    if (not quick or smoke) and _time_left() > 10:
+        records += _attention_extras(rep, copy["GBps"])
     records.append(_dispatch_overhead())
     summary = summarize(records)
     records.append({"bench": "summary", **summary})
-    summary_rot = summarize(records, timing="rotate")
-    records.append({"bench": "summary", **summary_rot})
     b1 = [a for a in summary["attention"] if a["B"] == 1 and a["L"] == 8192]
-    b1r = [a for a in summary_rot["attention"] if a["B"] == 1 and a["L"] == 8192]
     headline = {"name": "async unified-max vs synchronized split-KV decode attention (batch 1, KV 8192, "
-                        "same tiling, fp16, 32x128 heads)",
-                "ours": b1[0]["async_over_sync_same_tiling"] if b1 else None, "unit": "x",
-                "ours_rotate_timing": b1r[0]["async_over_sync_same_tiling"] if b1r else None,
+                        "each flavour at its best tiling of the same sweep, fp16, 32x128 heads)",
+                "ours": b1[0]["best_sync_over_best_async"] if b1 else None, "unit": "x",
+                "ours_same_tiling": b1[0]["async_over_sync_same_tiling"] if b1 else None,
                 "paper": 1.14, "paper_source": "FlashDecoding++ §3 (async softmax, decode, A100)",
-                "baseline": "our synchronized FlashDecoding kernel, same tiles"}
-    config = {"quick": quick, "smoke": smoke, "budget_s": budget, "batches": batches, "lengths": lengths, "heads": HEADS, "head_dim": HEAD_DIM,
+                "baseline": "our synchronized FlashDecoding kernels (split + combine), best tiling"}
+    config = {"quick": quick, "smoke": smoke, "budget_s": budget, "batches": batches, "lengths": lengths,
+              "heads": HEADS, "head_dim": HEAD_DIM,
               "attn_configs": [c.__dict__ for c in configs], "split_targets": SPLIT_TARGETS,
+              "gemv_configs": GEMV_CONFIGS, "flat_tiles": {str(k): v for k, v in FLAT_TILES.items()},
               "gemm_shapes": shapes, "profile_m": profile_m, "eval_m": eval_m, "repeats": rep,
-              "timing": "CUDA-graph replay, L2 flushed, median", "wall_s": time.time() - t_start}
+              "timing": "CUDA-graph replay, L2 flushed (read of 2xL2) before each call, median",
+              "wall_s": time.time() - t_start}
     path = save_results(SLUG, records, headline=headline, config=config, out_dir=out_dir)
     tpath = dsp.table_path(device_name(), root=path.parent)
     if quick:
         tpath = tpath.with_name(tpath.name.replace(".json", ".quick.json"))
     tpath.write_text(json.dumps(table, indent=1) + "\n")
-    for sm in (summary, summary_rot):
-        try:
-            _print_summary(sm, copy, device_slug(device_name()))
-        except Exception as e:  # a partial run: print what there is
-            print(f"summary ({sm.get('timing')}): {e!r}")
+    try:
+        _print_summary(summary, copy, device_slug(device_name()))
+    except Exception as e:  # a partial run: print what there is
+        print(f"summary: {e!r}")
     print(f"wrote {tpath}  [{time.time() - t_start:.0f} s total]")
     return path
 
 
 def _print_summary(s: dict, copy: dict, dev: str) -> None:
     print(f"\n== {dev}: copy {copy['GBps']:.0f} GB/s; timing: {s['timing']}")
-    print(f"{'B':>3} {'L':>6} {'async/sync':>10} {'sdpa/ours':>9} {'naive/ours':>10} {'%copy':>6}")
+    print(f"{'B':>3} {'L':>6} {'best/best':>9} {'same(s)':>8} {'same(a)':>8} {'sdpa/ours':>9} {'naive/ours':>10} "
+          f"{'%copy':>6}")
     for a in s["attention"]:
-        print(f"{a['B']:>3} {a['L']:>6} {a['async_over_sync_same_tiling']:>10.3f} "
+        print(f"{a['B']:>3} {a['L']:>6} {a['best_sync_over_best_async']:>9.3f} {a['async_over_sync_same_tiling']:>8.3f} "
+              f"{(a['async_over_sync_same_tiling_async_pick'] or 0):>8.3f} "
               f"{(a['sdpa_best_over_ours_async'] or 0):>9.3f} {(a['naive_over_ours_async'] or 0):>10.2f} "
               f"{a['ours_async_pct_copy_bw']:>6.1f}")
     gm = s["gemm"]
     print(f"gemm: static worst loss {json.dumps({k: round(v, 3) for k, v in gm['static_worst_loss'].items()})}; "
           f"dispatch max loss {gm['dispatch_max_loss']:.3f}; geomean vs cuBLAS (M<=16) "
-          f"{gm['dispatch_geomean_over_cublas_M1_16']}; flat16/flat64 min (M<=8) {gm['flat16_over_flat64_M_le_8_min']}")
+          f"{gm['dispatch_geomean_over_cublas_M1_16']:.3f} "
+          f"{json.dumps({k: round(v, 3) for k, v in gm['dispatch_geomean_over_cublas_M1_16_by_shape'].items()})}; "
+          f"flat16/flat64 min (M<=8) {gm['flat16_over_flat64_M_le_8_min']:.3f}")
     for e in s["e2e"]:
         print(f"e2e B={e['B']}: ours {e['ours_step_us']:.0f} us/step, vs cuBLAS+SDPA {e['speedup_vs_cublas_sdpa']:.2f}x, "
               f"vs cuBLAS+naive {e['speedup_vs_cublas_naive']}")

@@ -194,6 +194,7 @@ def _attend_range(q, k_ptr, v_ptr, bt_row_ptr, k_seq_off, v_seq_off, start, end,
     offs_d = tl.arange(0, BLOCK_D)
     dmask = offs_d < D
     m = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    mx = tl.full([BLOCK_G, BLOCK_N], float("-inf"), tl.float32)   # UNIFIED: element-wise max, reduced once
     l = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
     for n0 in range(start, end, BLOCK_N):
@@ -217,15 +218,19 @@ def _attend_range(q, k_ptr, v_ptr, bt_row_ptr, k_seq_off, v_seq_off, start, end,
         else:
             s = tl.sum(q.to(tl.float32)[:, None, :] * k.to(tl.float32)[None, :, :], axis=2)
         s = tl.where(valid[None, :], s, float("-inf"))            # [BLOCK_G, BLOCK_N]
-        m_new = tl.maximum(m, tl.max(s, axis=1))
         if UNIFIED:
+            # no max and no rescale in the loop: e^{x - phi} goes straight into the sums; the band
+            # check only needs each row's maximum at the end, so keep an element-wise max (one
+            # max per element, no cross-thread reduction per tile)
+            mx = tl.maximum(mx, s)
             p = tl.exp2(s - phi2)
         else:
+            m_new = tl.maximum(m, tl.max(s, axis=1))
             alpha = tl.exp2(m - m_new)
             p = tl.exp2(s - m_new[:, None])
             l = l * alpha
             acc = acc * alpha[:, None]
-        m = m_new
+            m = m_new
         if USE_DOT:
             p_lp = p.to(v.dtype)
             l += tl.sum(p_lp.to(tl.float32), axis=1)
@@ -236,6 +241,8 @@ def _attend_range(q, k_ptr, v_ptr, bt_row_ptr, k_seq_off, v_seq_off, start, end,
         else:
             l += tl.sum(p, axis=1)
             acc += tl.sum(p[:, :, None] * v.to(tl.float32)[None, :, :], axis=1)
+    if UNIFIED:
+        m = tl.max(mx, axis=1)
     return m, l, acc
 
 
@@ -371,15 +378,16 @@ def _split_kv_async_kernel(
     tl.debug_barrier()
     ticket = tl.atomic_add(ws_cnt_ptr + pid_bh, 1, sem="acq_rel")
     if ticket == n_splits - 1:
-        # last split of this (b, kv head): read the sums (atomically: they live in L2), reset them
-        o_sum = tl.atomic_add(acc_ptrs, tl.zeros([BLOCK_G, BLOCK_D], tl.float32), mask=amask, sem="acquire")
-        l_sum = tl.atomic_add(ws_l_ptr + row, tl.zeros([BLOCK_G], tl.float32), mask=gmask, sem="acquire")
-        m_all = tl.atomic_max(ws_max_ptr + row, tl.full([BLOCK_G], float("-inf"), tl.float32), mask=gmask,
-                              sem="acquire")
-        tl.debug_barrier()
-        tl.store(acc_ptrs, tl.zeros([BLOCK_G, BLOCK_D], tl.float32), mask=amask)
-        tl.store(ws_l_ptr + row, tl.zeros([BLOCK_G], tl.float32), mask=gmask)
-        tl.store(ws_max_ptr + row, tl.full([BLOCK_G], float("-inf"), tl.float32), mask=gmask)
+        # last split of this (b, kv head): take the sums and reset them in one atomic exchange each
+        # (they live in L2), so the workspace is clean for the next call
+        # (on the fp32 bit patterns: 0 is 0.0f, -8388608 is 0xFF800000 = -inf)
+        i32 = tl.pointer_type(tl.int32)
+        o_sum = tl.atomic_xchg(acc_ptrs.to(i32), tl.zeros([BLOCK_G, BLOCK_D], tl.int32), mask=amask,
+                               sem="acquire").to(tl.float32, bitcast=True)
+        l_sum = tl.atomic_xchg((ws_l_ptr + row).to(i32), tl.zeros([BLOCK_G], tl.int32), mask=gmask,
+                               sem="acquire").to(tl.float32, bitcast=True)
+        m_all = tl.atomic_xchg((ws_max_ptr + row).to(i32), tl.full([BLOCK_G], -8388608, tl.int32), mask=gmask,
+                               sem="acquire").to(tl.float32, bitcast=True)
         tl.store(ws_cnt_ptr + pid_bh, 0)
         d = m_all - phi2
         flagged = ((d > hi2) | (d < lo2) | (l_sum != l_sum)) & gmask      # NaN sum counts as overflow
@@ -410,7 +418,9 @@ class DecodeConfig:
     query row per KV head (rows padded to 16), 64-token tiles, 3 pipeline stages."""
 
     block_n: int = 64                 # tokens per loop step
-    num_splits: int | None = None     # splits per sequence; None: about 4 programs per SM
+    num_splits: int | None = None     # splits per sequence; None: about 4 programs per SM (in the H200
+                                      # sweep ~2 per SM was better: 512 programs of these tiles took
+                                      # ~15 % longer than 256, a partial second wave)
     num_warps: int = 4
     num_stages: int = 3
     use_dot: bool | None = None       # tensor cores for q.K^T and P.V; None: fp16/bf16 inputs or GQA
@@ -437,8 +447,8 @@ def _choose_splits(B: int, H_kv: int, capacity: int, block_n: int, num_splits: i
     """(num_splits, split_len): split_len a multiple of block_n, num_splits * split_len >= capacity."""
     max_splits = max(1, triton.cdiv(capacity, block_n))
     if num_splits is None:
-        target = 4 * _num_sms(device)                 # a few programs per SM
-        num_splits = triton.cdiv(target, B * H_kv)
+        # about 4 programs per SM (rounded down)
+        num_splits = (4 * _num_sms(device)) // (B * H_kv)
     num_splits = max(1, min(int(num_splits), max_splits))
     split_len = triton.cdiv(triton.cdiv(capacity, num_splits), block_n) * block_n
     return triton.cdiv(capacity, split_len), split_len

@@ -18,9 +18,10 @@ benchmark) with the tuned tile configuration of each Triton implementation::
                  "configs": {"gemv": {"by_m": {"1": {...GemmConfig}, "4": {...}}},
                              "flat": {"by_m": {"16": {...}, "64": {...}}}}}, ...]}
 
-(``by_m``: a config per M bucket; M uses the smallest bucket >= M.)
+(``by_m``: a config per M bucket; M uses the smallest bucket >= M; a config may carry ``split_k``.)
 
-Without a table for the current device a built-in default is used (thresholds only). Where Triton
+Without a table for the current device a built-in default is used (thresholds only);
+:attr:`GemmDispatcher.source` names the table in use. Where Triton
 cannot run (a CPU without ``TRITON_INTERPRET=1``) every call goes to ``torch.matmul``.
 """
 
@@ -137,19 +138,25 @@ def _triton_usable(device: torch.device) -> bool:
 class GemmDispatcher:
     """Pick and run GEMV / flat GEMM / cuBLAS for ``x[M, K] @ w[K, N]`` from a lookup table."""
 
-    def __init__(self, table: Mapping | None = None):
+    def __init__(self, table: Mapping | None = None, source: str | None = None):
         self.table = _validate(table if table is not None else default_table())
+        # where the table came from, for logs and figure captions
+        self.source = source or self.table.get("source") or "table given in code"
 
     @classmethod
     def for_device(cls, device_name: str | None = None, root: str | Path | None = None) -> GemmDispatcher:
-        """The profiled table of this device if one is committed, else the built-in default."""
+        """The profiled table of this device if one is committed (``dispatch_table.<device>.json``),
+        else the built-in default; :attr:`source` says which (the path, or why the default)."""
         if device_name is None:
             from ..bench.env import device_name as _dn
             device_name = _dn()
         p = table_path(device_name, root)
         if p.exists():
-            return cls(json.loads(p.read_text()))
-        return cls()
+            return cls(json.loads(p.read_text()), source=f"profiled table {p.name} ({device_name})")
+        return cls(source=f"built-in default thresholds (no {p.name} for {device_name})")
+
+    def __repr__(self) -> str:
+        return f"GemmDispatcher({self.source}; {len(self.table['shapes'])} profiled [N, K] shapes)"
 
     @property
     def profiled(self) -> bool:

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from ..bench import save_results
-from ..kernels.dispatch import GemmDispatcher, table_path
+from ..kernels.dispatch import GemmDispatcher
 from ..models import preset, random_llama
 from ..models.fast_decode import calibrate_model_phi, use_fdpp
 from .bench import _decode_run
@@ -48,6 +48,7 @@ def run(args) -> Path:
     cal = calibrate_model_phi(model, torch.randint(0, cfg.vocab_size, (1, 256), generator=g).cuda())
     dev_name = torch.cuda.get_device_name()
     dispatcher = GemmDispatcher.for_device(dev_name)
+    print(f"dispatcher: {dispatcher}", flush=True)
     records: list[dict] = []
 
     def one(variant: str, graphs: bool, backend=None):
@@ -93,7 +94,7 @@ def run(args) -> Path:
     config = {"quick": quick, "model": "Llama-2-7B shapes, random fp16 weights", "prompt_len": prompt_len,
               "new_tokens": new_tokens, "batches": list(batches), "block_size": 16, "scheduler": "orca",
               "phi": cal.phi, "phi_recompute_rate": cal.recompute_rate, "phi_rowmax_range": list(cal.rowmax_range),
-              "dispatcher_table": str(table_path(dev_name)) if dispatcher.profiled else "built-in default",
+              "dispatcher_table": dispatcher.source,
               "speedups_vs_pytorch": speedups, "kind": "e2e"}
     return save_results(SLUG, records, headline=headline, config=config, out_dir=getattr(args, "out", None),
                         suffix="e2e" + (".quick" if quick else ""))
