@@ -16,8 +16,9 @@
 #     figure: table3
 #     headline: 'Paper: S-LoRA serves 2000 adapters at <6% throughput loss vs 5, up
 #       to 4x vLLM-packed and 30x PEFT (A100). Ours: unified pool, heterogeneous-rank
-#       MBGMM/MBGMV, TP layout exact; H200 (4 Llama-7B layers, load above capacity):
-#       n=1000 at 1.06x n=5, 34x PEFT-style, 1.49x padded BMM (target 1.5x); merged
+#       MBGMM/MBGMV, TP layout exact; H200 (16 Llama-7B layers, decode steps in CUDA
+#       graphs, 3 paired rounds, load above capacity): n=1000 at 1.11x n=5, 15.5x PEFT-style,
+#       1.31x padded BMM (target 1.5x; MBGMV 1.6x faster on a step''s LoRA work); merged
 #       copies OOM at n=100; TP LoRA collectives ~3% of the base bytes but +64-101%
 #       latency on 2 H200s'
 #     paper: '21'
@@ -412,50 +413,135 @@ else:
     print("skipped (TP_CHECK = False)")
 
 # %% [markdown]
-# ## 8. GPU claims (results file)
+# ## 8. GPU claims (results files)
 #
-# From `data/results/slora/<gpu>.json` (`python -m mlsys24.slora.bench`): 4 Llama-7B-shaped layers, ranks
-# {8, 16, 32, 64}, 30 s of Poisson arrivals, throughput (finished requests) over a fixed window without
-# draining, after an unmeasured warm-up of each system. As in S-LoRA (built on LightLLM), prefill steps run
-# apart from decode steps (`vllm` policy) and decode attention reads the token-granular pool in place
-# (the Triton split-KV kernel of notebook 11). The committed run offers 40 req/s, more than any system
-# serves, so the window measures capacity (at 10 req/s every system but PEFT kept up with the arrivals and
-# the ratios said nothing). Targets: S-LoRA n = 1000 ≥ 0.85 × n = 5; ≥ 3× PEFT-style and ≥ 1.5× padded BMM
-# at n = 100; pool memory vs merged copies.
+# From `data/results/slora/<gpu>.json` (`python -m mlsys24.slora.bench`): Llama-7B-shaped layers, ranks
+# {8, 16, 32, 64}, Poisson arrivals, throughput (finished requests) over a fixed window without
+# draining. As in S-LoRA (built on LightLLM), prefill steps run apart from decode steps (`vllm` policy),
+# and decode attention reads the token-granular pool in place (the Triton split-KV kernel of notebook 11).
+# The claims are asserted from the newest *complete* run on file (every system measured).
+#
+# **Why the offered load is above capacity.** The issue's setting is 10 req/s. At 10 req/s every system
+# except PEFT-style keeps up with the arrivals, so each one finishes what arrives and the ratios measure
+# the trace, not the systems. The bench offers more than any system serves (the rate is printed), so the
+# window measures capacity.
+#
+# **Is the window trustworthy?** An earlier run (4 layers, eager steps, one window per system) measured
+# the *same* system at 9.05 req/s (n = 5) and 11.75 req/s (n = 100). Not from the request lengths (the
+# trace generator draws the adapter ids first, with a fixed number of draws, so arrivals and lengths are
+# identical for every n and system), nor from adapter fetches (n = 100 paged in 98 adapters, n = 5 only
+# 5, and n = 100 was the faster one). Eager steps are host-bound: every layer's kernels are launched from
+# Python and several blocking host-device copies per step serialize host and device, so the step time
+# carries host jitter; and one window per system cannot tell that apart from a real difference. The bench
+# therefore captures each decode step *with its LoRA kernels* in a CUDA graph per (batch, context,
+# largest-rank) bucket before the window (the systems then differ only in the LoRA kernels inside the
+# graph), fills the step's indices with two copies from pinned memory, runs every system in three rounds
+# on the same trace in alternating order, and takes each ratio within a round (median over rounds). The
+# first round still runs colder than the later ones (printed per round below): the median is robust to it.
 
 # %%
+def complete(rf) -> bool:
+    """Every system measured: no failed run and every planned round done (files before rounds: one)."""
+    return (not any(r.get("kind") == "error" for r in rf.records)
+            and rf.config.get("rounds_completed", 1) >= rf.config.get("rounds", 1))
+
+
 gpu_files = [rf for rf in load_results(SLUG) if rf.meta.get("device_type") == "cuda"
-             and rf.records and "system" in rf.records[0]]
+             and rf.records and "system" in rf.records[0] and complete(rf)]
 RES = gpu_files[0] if gpu_files else None
 if RES is None:
     print("skipped: no GPU results; run `PYTHONPATH=lib python3 -m mlsys24.slora.bench` on a GPU")
 else:
+    C = RES.config
     print(RES.caption())
-    print(f"  offered load {RES.config.get('rate')} req/s for {RES.config.get('duration_s')} s, window "
-          f"{RES.config.get('window_s')} s, policy {RES.config.get('policy', 'orca')}, attention "
-          f"{RES.config.get('attention', 'gather')}, warm-up {RES.config.get('warm_s', 0)} s per run")
-    by = {(r["system"], r["n_adapters"]): r for r in RES.records}
-    for k, r in sorted(by.items()):
-        print(f"  {k[0]:9s} n={k[1]:5d}: {r['throughput_rps']:.2f} req/s, finished {r['finished']}/{r['n_requests']}"
+    print(f"  {C.get('layers')} Llama-7B layers; offered load {C.get('rate')} req/s for {C.get('duration_s')} s, "
+          f"window {C.get('window_s')} s, {C.get('rounds_completed', 1)} paired round(s), decode graphs "
+          f"{C.get('decode_graphs', False)}, policy {C.get('policy')}, attention {C.get('attention')}")
+    summ = [r for r in RES.records if r.get("kind", "summary") == "summary"]
+    runs = [r for r in RES.records if r.get("kind") == "run"]
+    by = {(r["system"], r["n_adapters"]): r for r in summ}
+    print(f"  {'system':9s} {'n':>5s} | req/s (median; per round)        | tok/s  | decode step p50 | jit in window")
+    for k, r in by.items():
+        rounds_ = ", ".join(f"{v:.2f}" for v in r.get("throughput_rounds", [r["throughput_rps"]]))
+        step = f"{r['decode_step_ms_p50']:6.2f} ms" if "decode_step_ms_p50" in r else "      -  "
+        print(f"  {k[0]:9s} {k[1]:5d} | {r['throughput_rps']:6.2f} ({rounds_:24s}) | "
+              f"{r.get('token_throughput', float('nan')):6.0f} | {step}       | {r.get('jit_compiles_in_window')}"
               + ("  (OOM)" if r.get("oom") else ""))
+    eager = [r for r in runs if not r.get("decode_graphs") and r["system"] != "merged"]
+    for r in eager:
+        print(f"  eager path {r['system']:9s} n={r['n_adapters']:5d}: {r['throughput_rps']:.2f} req/s, decode step p50 "
+              f"{r.get('decode_step_ms_p50', float('nan')):.2f} ms (same trace, general path)")
+    KERN = {r["method"]: r for r in RES.records if r.get("kind") == "lora_kernel"}
+    for m, r in KERN.items():
+        print(f"  LoRA work of one decode step ({r['batch']} requests, {r['layers']} layers, graph): {m:5s} "
+              f"{r['step_us']:8.0f} µs, adapter rows {r['weight_bytes_step'] / 2**20:6.0f} MiB "
+              f"({r['GBps_weights']:.0f} GB/s)")
+
+# %% [markdown]
+# **Figure** — throughput relative to S-LoRA at the fewest adapters, ours (GPU, complete run; median of
+# its paired rounds with whiskers over their range when it has several) beside the paper (A100-80GB, S2; S-LoRA and PEFT from Table 3, padded
+# BMM and no-unify from the ablation figure at n = 200).
+
+# %%
+if RES is not None:
+    H = RES.headline
     ns = sorted({n for s, n in by if s == "slora"})
-    t = {k: r["throughput_rps"] for k, r in by.items()}
-    valid = bool(RES.config.get("warm_up"))   # kernels compiled before the first timed window
-    fin = {k: r["finished"] for k, r in by.items()}
-    checks = {"S-LoRA n=1000 / n=5 >= 0.85": (t[("slora", ns[-1])], t[("slora", ns[0])], 0.85),
-              "S-LoRA / PEFT-style at n=100 >= 3": (t[("slora", ns[1])], t.get(("peft", ns[1])), 3.0),
-              "S-LoRA / padded BMM at n=100 >= 1.5": (t[("slora", ns[1])], t.get(("bmm", ns[1])), 1.5)}
-    for name, (a_, b_, target) in checks.items():
-        v = a_ / b_ if b_ else float("inf")
-        if not valid:
-            print(f"NOT REPRODUCED: {name}: measured {a_:.2f} vs {b_:.2f} req/s, but this file's run compiled the "
-                  "kernels inside the first window and its 20 s window is shorter than long outputs take: not a valid test")
+    PAPER_REL = {("slora", ns[0]): 1.0, ("slora", ns[1]): 7.29 / 7.48, ("slora", ns[2]): 6.69 / 7.48,
+                 ("peft", ns[1]): 0.24 / 7.48, ("bmm", ns[1]): 0.26 / 7.76, ("no_unify", ns[1]): 6.53 / 7.82}
+    base_rounds = by[("slora", ns[0])].get("throughput_rounds", [by[("slora", ns[0])]["throughput_rps"]])
+    labels, ours, lo, hi, paper = [], [], [], [], []
+    for k, pv in PAPER_REL.items():
+        if k not in by:
+            continue
+        rr = by[k].get("throughput_rounds", [by[k]["throughput_rps"]])
+        rel = [a / b for a, b in zip(rr, base_rounds) if b > 0]
+        labels.append(f"{NAMES[k[0]]}, n={k[1]}")
+        ours.append(float(np.median(rel)))
+        lo.append(ours[-1] - min(rel))
+        hi.append(max(rel) - ours[-1])
+        paper.append(pv)
+    fig_gpu = go.Figure()
+    fig_gpu.add_bar(x=labels, y=paper, name="paper (A100-80GB, S2)", marker_color="#BBBBBB",
+                    marker_pattern_shape="/")
+    fig_gpu.add_bar(x=labels, y=ours, name=f"ours ({RES.meta.get('device')})", marker_color=viz.color("slora"),
+                    error_y=dict(type="data", symmetric=False, array=hi, arrayminus=lo))
+    viz.apply_template(fig_gpu, title="GPU: throughput relative to S-LoRA with the fewest adapters",
+                       x="system, adapters", y="throughput / S-LoRA at n = 5")
+    fig_gpu.update_layout(barmode="group")
+    viz.caption(fig_gpu, f"Ours: {C.get('layers')} Llama-7B layers, ranks 8-64, {C.get('rate')} req/s offered "
+                f"(above capacity), {C.get('window_s')} s window, median of {C.get('rounds_completed', 1)} paired "
+                f"rounds; at most {C.get('distinct_sets_per_rank')} weight sets per rank aliased onto adapter ids. "
+                "Paper: 7B, 10 req/s, 2 min. " + RES.caption())
+    viz.save(fig_gpu, SLUG, "gpu_relative")
+    fig_gpu.show()
+
+# %% [markdown]
+# **Claims 8** — S-LoRA n = 1000 ≥ 0.85 × n = 5; ≥ 3× PEFT-style and ≥ 1.5× padded BMM at n = 100 (each
+# the median over rounds of the ratio within a round); pool memory against merged copies.
+
+# %%
+if RES is not None:
+    H = RES.headline
+    checks = {"S-LoRA n=1000 / n=5 >= 0.85": (H.get("ours"), H.get("ours_rounds"), 0.85),
+              "S-LoRA / PEFT-style at n=100 >= 3": (H.get("vs_peft_n100"), H.get("vs_peft_n100_rounds"), 3.0),
+              "S-LoRA / padded BMM at n=100 >= 1.5": (H.get("vs_bmm_n100"), H.get("vs_bmm_n100_rounds"), 1.5)}
+    MISSED = []
+    for name, (v, rr, target) in checks.items():
+        per = ", ".join(f"{x:.2f}" for x in rr) if rr else "one run"
+        if v is None:
+            print(f"NOT REPRODUCED: {name}: not measured in this file")
+            MISSED.append(name)
         elif v >= target:
-            print(f"  {name}: {v:.2f} -> OK")
+            print(f"  {name}: {v:.2f} (rounds: {per}) -> OK")
         else:
-            print(f"NOT REPRODUCED: {name}: {v:.2f}")
-    # What this run can honestly assert: S-LoRA served n = 1000 adapters without running out of memory
-    # in a pool smaller than even the n = 5 merged copies, and the n = 100 merged copies do not fit.
+            print(f"NOT REPRODUCED: {name}: {v:.2f} (rounds: {per})")
+            MISSED.append(name)
+    if H.get("no_unify_vs_bmm_n100") is not None:
+        print(f"  kernel only (both with a reserved adapter region): MBGMV / padded BMM at n=100 = "
+              f"{H['no_unify_vs_bmm_n100']:.2f}; the LoRA work of one decode step alone: "
+              f"{H.get('lora_kernel_speedup', float('nan')):.2f}x")
+    # memory: S-LoRA served n = 1000 adapters from one fixed pool smaller than even the n = 5 merged copies,
+    # and the n = 100 merged copies do not fit
     sl = by[("slora", ns[-1])]
     mg = by.get(("merged", ns[1]))
     print(f"  pool {sl['pool_bytes'] / 2**30:.2f} GiB (peak adapters {sl['peak_adapter_bytes'] / 2**20:.0f} MiB at n={ns[-1]}) "
@@ -463,18 +549,28 @@ else:
           f"{mg['full7b_copies_bytes'] / 2**30:.0f} GiB full 7B")
     assert not sl["oom"] and sl["finished"] > 0 and mg["oom"]
     assert sl["pool_bytes"] < by[("merged", ns[0])]["need_bytes"]
+    # the kernel claim: MBGMV reads only each request's own rank, so its LoRA work per decode step reads
+    # fewer bytes and takes less time than padded BMM's (both timed inside a CUDA graph, same rows)
+    if KERN:
+        assert KERN["mbgmv"]["weight_bytes_step"] < KERN["bmm"]["weight_bytes_step"], KERN
+        assert KERN["mbgmv"]["step_us"] < KERN["bmm"]["step_us"], KERN
 
 # %% [markdown]
-# **Takeaway.** On the H200, with the load above capacity, S-LoRA's throughput does not fall with the
-# number of adapters (n = 1000 vs n = 5 above 1, paper S2: 0.90): adapters are paged in on demand and
-# MBGMV reads only each request's own rank. PEFT-style batching (one adapter per batch) is more than an
-# order of magnitude slower, as in the paper. Padded BMM comes out at about 1.5x slower, right at the
-# card's target: with 4 layers of a Python-driven engine much of a step is not LoRA work, so the padding
-# and copying cost that BMM adds is diluted. S-LoRA without the unified pool serves about as fast as
-# S-LoRA here: its separate region is large enough for this trace, so unified paging buys memory
-# (printed above), not speed. Run-to-run spread of a 20 s window is visible (n = 5 vs n = 100 are the
-# same system). The memory side holds: 1000 adapters are served from one fixed pool smaller than even
-# five merged copies of the scaled model.
+# **Takeaway.** On the H200, with decode steps replayed from CUDA graphs (16 Llama-7B layers, batch up to
+# 128, three paired rounds, load above capacity), S-LoRA's throughput does not fall with the number of
+# adapters (n = 1000 vs n = 5 at or above 1, paper S2: 0.89): adapters are paged in on demand and MBGMV
+# reads only each request's own rank. PEFT-style batching (one adapter per batch) is an order of
+# magnitude slower, as in the paper. Against padded BMM the gain is real but smaller than the paper's:
+# on the LoRA work alone MBGMV reads less than half of padded BMM's adapter bytes and is ~1.6x faster per
+# decode step, but LoRA is only part of a step (the base layers, attention and the eager prefill steps
+# are the same for both), so end to end S-LoRA serves ~1.3x padded BMM's requests — below the 1.5x
+# target, printed as NOT REPRODUCED. MBGMV also reaches well under a third of the card's bandwidth; a
+# faster MBGMV (split-K shrink, more programs in flight) would widen the gap. In the paper's ablation
+# padded BMM collapses once adapters differ (A100-80, S2: 7.76 → 0.26 req/s from n = 1 to 200); ours gathers
+# and pads inside one graph-replayed step, where padding costs only the extra bytes it reads — a stronger
+# baseline than the paper's, which is why the gap is smaller here. The memory side holds: 1000 adapters are
+# served from one fixed pool smaller than even five merged copies of the scaled model, and 100 merged
+# copies do not fit.
 #
 # **Tensor parallelism on 2 GPUs.** `python -m mlsys24.slora.tp` times one Llama-7B MLP pair (4096 →
 # 11008 → 4096, fp16) with S-LoRA's layout on 2 GPUs (NCCL): the LoRA collectives carry only B·r elements
@@ -566,8 +662,9 @@ if INTERACTIVE:
 # %% [markdown]
 # ## 10. Going further
 #
-# - GPU scale: `PYTHONPATH=lib python3 -m mlsys24.slora.bench --window 60 --duration 30` (Llama-7B-shaped
-#   layers, n ∈ {5, 100, 1000}); or this notebook on a GPU:
+# - GPU scale: `PYTHONPATH=lib python3 -m mlsys24.slora.bench --budget 370` (16 Llama-7B-shaped layers,
+#   n ∈ {5, 100, 1000}, decode steps from CUDA graphs, 3 paired rounds, ~5 min on an H200;
+#   `--no-graphs` for the eager engine path); or this notebook on a GPU:
 #   `papermill notebooks/21_slora.ipynb out.ipynb -p DEVICE cuda -p NUM_ADAPTERS "[5, 100, 1000]"`.
 # - Two GPUs: time S-LoRA's rank-sized collectives (`mlsys24.slora.tp`) against the base all-reduce with NCCL.
 # - Workshop questions: why does a page of exactly H elements make adapters and KV interchangeable —

@@ -7,6 +7,8 @@
   stream on a GPU), LRU eviction of idle adapters (:class:`AdapterPager`).
 - :mod:`.mbgmv` — heterogeneous-rank MBGMM (prefill) / MBGMV (decode) Triton kernels reading
   scattered pool slots, the padded-BMM baseline, the float32 reference, gathered-bytes counting.
+- :mod:`.graph` — decode steps replayed from CUDA graphs that hold the step's LoRA kernels
+  (:class:`LoRADecodeGraphs`; static index buffers, two host-to-device copies per step).
 - :mod:`.engine` — the shared serving engine with the unified pool (:class:`SLoRAEngine`), the
   baselines (``no_unify``, ``bmm``, ``peft``; :class:`MergedServer` for merged copies), the trace
   generator of S-LoRA's benchmarks and :func:`serve` (throughput over a fixed window, SLO metrics).
@@ -27,12 +29,14 @@ from .engine import (
     slora_trace,
     slot_bytes,
 )
+from .graph import LoRADecodeGraphs
 from .mbgmv import (
     PoolTables,
     gathered_elements,
     lora_mbgmm,
     lora_mbgmv,
     lora_padded_bmm,
+    lora_padded_bmm_rows,
     lora_pool_torch,
     make_tables,
     mbgmm_ref,
@@ -40,8 +44,8 @@ from .mbgmv import (
 from .pool import UnifiedAllocator, adapter_slots, kv_capacity_trace
 
 __all__ = [
-    "SYSTEMS", "AdapterPager", "HostAdapter", "MergedServer", "PoolTables", "SLoRABackend", "SLoRAEngine",
+    "SYSTEMS", "AdapterPager", "HostAdapter", "LoRADecodeGraphs", "MergedServer", "PoolTables", "SLoRABackend", "SLoRAEngine",
     "SLoRAScheduler", "UnifiedAllocator", "adapter_slots", "gathered_elements", "kv_capacity_trace",
-    "layer_index", "lora_mbgmm", "lora_mbgmv", "lora_padded_bmm", "lora_pool_torch", "make_tables",
+    "layer_index", "lora_mbgmm", "lora_mbgmv", "lora_padded_bmm", "lora_padded_bmm_rows", "lora_pool_torch", "make_tables",
     "mbgmm_ref", "merge_adapter", "model_bytes", "pack_adapter", "serve", "slora_trace", "slot_bytes",
 ]

@@ -30,6 +30,7 @@ import torch
 import torch.nn as nn
 
 from ..serving.engine import Engine
+from ..serving.kv_policy import KVPolicy
 from ..serving.lora import AdapterWeights, LoRABackend, LoRAContext, LoRALinear, attach_lora
 from ..serving.request import Request
 from ..serving.scheduler import Scheduler, SchedulerConfig, StepPlan
@@ -40,6 +41,7 @@ from .mbgmv import (
     lora_mbgmm,
     lora_mbgmv,
     lora_padded_bmm,
+    lora_padded_bmm_rows,
     lora_pool_torch,
     make_tables,
 )
@@ -95,6 +97,7 @@ class SLoRABackend(LoRABackend):
         self.n_layers = 0
         self.batch_shape: tuple[int, int] | None = None
         self.tables = None
+        self.static = None        # set while a decode graph is captured: LoRA from static device buffers
         self.gathered = 0
         self.gathered_bmm = 0
 
@@ -139,6 +142,14 @@ class SLoRABackend(LoRABackend):
     def delta(self, layer: str, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         l, p = layer_index(layer)
         wa, wb, t = self.pager.wa[l], self.pager.wb[l], self.tables
+        st = self.static
+        if st is not None:   # decode graph: index tensors already on the device, no host work
+            if self.compute == "mbgmv":
+                return lora_mbgmv(x, wa, wb, st.tables, p)
+            if self.compute == "bmm":
+                return lora_padded_bmm_rows(x, wa, wb, st.idx[p], st.scale)
+            rows = st.idx[p, 0]   # PEFT-style: one adapter for the whole batch, read once
+            return (x @ wa[rows].T) @ wb[rows] * st.scale[0].to(x.dtype)
         if self.compute == "bmm":
             return lora_padded_bmm(x, wa, wb, t, p)
         if self.compute == "loop":
@@ -238,11 +249,17 @@ class SLoRAEngine(Engine):
     pool_slots: the memory budget in slots (KV tokens + adapter rows). adapter_region: slots reserved
     for adapters by the non-unified systems (ignored by ``slora``). ``occupancy`` records per step
     ``(kv, adapter, free, reserved_idle)`` slot counts.
+
+    decode_graphs: run decode steps through :class:`~.graph.LoRADecodeGraphs` (CUDA graphs holding the
+    step's LoRA kernels on a GPU; the same static buffers eagerly on CPU, where MBGMV then needs the
+    Triton interpreter); ``max_context`` (default: the model's ``max_seq_len``) and ``context_bucket``
+    size its buckets. Prefill steps always take the general path.
     """
 
     def __init__(self, model, system: str = "slora", *, pool_slots: int, adapter_region: int = 0,
                  max_batch_size: int = 32, record_logits: bool = False, use_triton: bool | None = None,
-                 policy: str = "orca"):
+                 policy: str = "orca", decode_graphs: bool = False, max_context: int | None = None,
+                 context_bucket: int = 512, use_graphs: bool | None = None):
         if system not in SYSTEMS:
             raise ValueError(f"unknown system {system!r}; have {sorted(SYSTEMS)} (merged: MergedServer)")
         spec = self.spec = SYSTEMS[system]
@@ -252,6 +269,7 @@ class SLoRAEngine(Engine):
             raise ValueError("the unified pool stores q,k,v,o adapter rows as KV slots: needs n_kv_heads == "
                              "n_heads and n_heads·head_dim == d_model (GQA/MLP targets need separate pools)")
         self.H = cfg.d_model
+        self.zero_row = None
         kv_slots = pool_slots if spec.unified else pool_slots - adapter_region
         if kv_slots < 1:
             raise ValueError(f"adapter_region {adapter_region} leaves no KV slots of {pool_slots}")
@@ -269,13 +287,40 @@ class SLoRAEngine(Engine):
         else:
             if adapter_region < 1:
                 raise ValueError(f"system {system!r} needs adapter_region > 0 slots")
-            wa = torch.zeros(L, adapter_region, self.H, dtype=self.dtype, device=self.device)
+            # one row past the region's slots is never allocated: it stays zero (padding of padded BMM)
+            wa = torch.zeros(L, adapter_region + 1, self.H, dtype=self.dtype, device=self.device)
             pager = AdapterPager(UnifiedAllocator(adapter_region), wa, torch.zeros_like(wa))
+            self.zero_row = adapter_region
         backend.pager = sched.pager = pager
         self.pager, self.backend = pager, backend
         self.pool_slots, self.adapter_region = pool_slots, adapter_region
         self.occupancy: list[tuple[int, int, int, int]] = []
         self.batches: list[list[tuple[int, int, int]]] = []   # per step: (adapter, rank, context) of running
+        self.graph_steps = 0
+        self.graphs = None
+        if decode_graphs:
+            from .graph import LoRADecodeGraphs
+
+            self.graphs = LoRADecodeGraphs(self, max_context=max_context or cfg.max_seq_len,
+                                           context_bucket=context_bucket, use_graphs=use_graphs)
+
+    def capture_graphs(self) -> int:
+        """Capture every decode bucket for the ranks of the registered adapters (before serving)."""
+        if self.graphs is None:
+            return 0
+        return self.graphs.capture_all({h.rank for h in self.pager.host.values()})
+
+    def _forward(self, rows) -> None:
+        if (self.graphs is not None and type(self.kv_policy) is KVPolicy
+                and all(n == 1 and s.pending == 1 for s, n in rows)):
+            logits = self.graphs.run(rows)
+            if logits is not None:
+                for s, n in rows:
+                    s.num_computed += n
+                self.graph_steps += 1
+                self._emit(rows, list(range(len(rows))), logits.float())
+                return
+        super()._forward(rows)
 
     def add_adapters(self, adapters: dict[int, AdapterWeights], packed: dict | None = None) -> None:
         """Register adapters in host memory (``packed``: id -> shared packed host copy, for aliasing)."""
@@ -382,6 +427,14 @@ def _metrics(finished, n_total: int, elapsed: float, window: float | None, slo_s
             "slo_attainment": float(np.mean(att)) if att else 0.0}
 
 
+def _tokens(seqs, window: float | None, elapsed: float) -> dict:
+    """Generated tokens inside the window (finished or not) and their rate: a finer capacity measure
+    than finished requests, which move in steps of whole requests."""
+    n = sum(1 for s in seqs for t in s.token_times_s if window is None or t <= window)
+    span = window if window is not None else elapsed
+    return {"tokens_in_window": n, "token_throughput": n / span if span > 0 else float("nan")}
+
+
 def _drive(engines: list[Engine], requests: list[Request], route, window_s: float | None):
     todo = sorted(requests, key=lambda r: (r.arrival_s, r.rid))
     t0 = time.perf_counter()
@@ -432,10 +485,12 @@ def serve(engine, requests: list[Request], *, window_s: float | None = None, slo
         elapsed = _drive(engs, base, lambda r: engine.engines[which[r.rid]], window_s)
         fin = [s for e in engs for s in e.finished]
         out = _metrics(fin, len(requests), elapsed, window_s, slo_s)
+        out.update(_tokens([s for e in engs for s in e.sequences.values()], window_s, elapsed))
         out.update(oom=False, need_bytes=engine.need_bytes)
         return out
     elapsed = _drive([engine], requests, lambda r: engine, window_s)
     out = _metrics(engine.finished, len(requests), elapsed, window_s, slo_s)
+    out.update(_tokens(engine.sequences.values(), window_s, elapsed))
     p = engine.pager
     out.update(oom=False, adapter_loads=p.n_loads, adapter_evictions=p.n_evictions, h2d_bytes=p.h2d_bytes,
                gathered_elements=engine.backend.gathered, gathered_elements_if_padded=engine.backend.gathered_bmm,

@@ -46,8 +46,8 @@ import triton.language as tl
 from mlsys24.kernels import no_overflow_checks as _launch  # also: the CPU interpreter fixes (no-op on GPU)
 
 __all__ = ["PoolTables", "make_tables", "lora_mbgmm", "lora_mbgmv", "mbgmm_shrink", "mbgmm_expand",
-           "mbgmv_shrink", "mbgmv_expand", "lora_pool_torch", "lora_padded_bmm", "mbgmm_ref",
-           "gathered_elements"]
+           "mbgmv_shrink", "mbgmv_expand", "lora_pool_torch", "lora_padded_bmm", "lora_padded_bmm_rows",
+           "mbgmm_ref", "gathered_elements"]
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -328,10 +328,6 @@ def lora_mbgmv(x: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor, t: PoolTable
 # ------------------------------------------------------------------------------------------------
 # PyTorch paths and the reference
 # ------------------------------------------------------------------------------------------------
-def _segment_tokens(t: PoolTables, idx) -> np.ndarray:
-    return np.concatenate([np.arange(t.seg_start[s], t.seg_start[s] + t.seg_len[s]) for s in idx])
-
-
 def lora_pool_torch(x: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor, t: PoolTables, proj: int,
                     y: torch.Tensor | None = None) -> torch.Tensor:
     """The MBGMM/MBGMV computation in PyTorch: requests grouped by rank, each group's rows gathered
@@ -356,31 +352,62 @@ def lora_pool_torch(x: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor, t: Pool
     return y
 
 
+def _bmm_index(t: PoolTables, device) -> tuple:
+    """Device index tensors of the padded-BMM baseline for all four projections, built once per forward
+    (one host-to-device copy, cached on the tables): slots ``[4, S, R]``, rank mask ``[S, R, 1]``, the
+    token row of each (segment, position) ``[S, T]`` (T = longest segment; padding points at row 0),
+    its validity ``[S, T]``, scales."""
+    c = getattr(t, "_bmm_dev", None)
+    if c is not None and c[0].device == torch.device(device):
+        return c
+    S, R, T = t.n_seg, t.max_rank, t.max_len
+    j = np.arange(R)[None, :]
+    valid = j < t.seg_rank[:, None]                                                           # [S, R]
+    idx = np.stack([np.where(valid, t.a_loc[np.minimum(t.seg_astart[:, None] + t.seg_rank[:, None] * p + j,
+                                                       len(t.a_loc) - 1)], 0) for p in range(4)])
+    pos = np.arange(T)[None, :]
+    tvalid = pos < t.seg_len[:, None]                                                         # [S, T]
+    tok = np.where(tvalid, t.seg_start[:, None] + pos, 0)
+    flat = np.concatenate([idx.ravel(), valid.ravel(), tok.ravel(), tvalid.ravel()]).astype(np.int64)
+    d = torch.from_numpy(flat).to(device, non_blocking=True)
+    n1, n2, n3 = 4 * S * R, 5 * S * R, 5 * S * R + S * T
+    c = (d[:n1].view(4, S, R), d[n1:n2].view(S, R, 1).bool(), d[n2:n3].view(S, T), d[n3:].view(S, T).bool(),
+         torch.from_numpy(t.seg_scale).to(device, non_blocking=True))
+    t._bmm_dev = c
+    return c
+
+
 def lora_padded_bmm(x: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor, t: PoolTables, proj: int,
                     y: torch.Tensor | None = None) -> torch.Tensor:
     """S-LoRA-bmm baseline: copy each request's A and B into contiguous ``[S, r_max, H]`` tensors
-    (zero-padded past its rank), then ``torch.bmm`` over the padded, per-token-expanded batch."""
+    (zero-padded past its rank), then ``torch.bmm`` over the batch with each request's tokens padded to
+    the longest (``[S, T, H]``; decode: ``T = 1``)."""
     y = torch.zeros(x.shape[0], wb.shape[1], dtype=x.dtype, device=x.device) if y is None else y
     if t.n_seg == 0:
         return y
-    R, H = t.max_rank, wa.shape[1]
-    A = torch.zeros(t.n_seg, R, H, dtype=wa.dtype, device=wa.device)
-    B = torch.zeros(t.n_seg, R, wb.shape[1], dtype=wb.dtype, device=wb.device)
-    j = np.arange(R)[None, :]
-    valid = j < t.seg_rank[:, None]                                                           # [S, R]
-    idx = np.where(valid, t.a_loc[np.minimum(t.seg_astart[:, None] + t.seg_rank[:, None] * proj + j,
-                                             len(t.a_loc) - 1)], 0)
-    sl = torch.from_numpy(idx).to(x.device)
-    m = torch.from_numpy(valid).to(x.device)[..., None]
-    A.copy_(wa[sl] * m)
-    B.copy_(wb[sl] * m)
-    tok = torch.from_numpy(_segment_tokens(t, range(t.n_seg))).to(x.device)
-    which = torch.from_numpy(np.repeat(np.arange(t.n_seg), t.seg_len)).to(x.device)
-    v = torch.bmm(x[tok].unsqueeze(1), A[which].transpose(1, 2))                              # [n_tok, 1, R]
-    out = torch.bmm(v, B[which]).squeeze(1)
-    sc = torch.from_numpy(t.seg_scale).to(x.device, x.dtype)[which]
-    y[tok] += out * sc[:, None]
+    sl_all, m, tok, tvalid, sc = _bmm_index(t, x.device)
+    sl = sl_all[proj]
+    A = wa[sl] * m                                                                            # [S, R, H] padded copy
+    B = wb[sl] * m
+    v = torch.bmm(x[tok], A.transpose(1, 2))                                                  # [S, T, R]
+    out = torch.bmm(v, B) * sc.to(x.dtype)[:, None, None]                                     # [S, T, H]
+    y.index_add_(0, tok[tvalid], out[tvalid])
     return y
+
+
+def lora_padded_bmm_rows(x: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor, idx: torch.Tensor, scale: torch.Tensor,
+                         y: torch.Tensor | None = None) -> torch.Tensor:
+    """S-LoRA-bmm for a decode batch from device index tensors only (no host work: CUDA-graph safe).
+
+    ``x [B, H]`` one token per row; ``idx [B, R]`` (int64) the pool slots of each row's adapter rows for
+    this projection, padded to the batch's largest rank ``R`` with a slot that holds zeros; ``scale [B]``.
+    The rows are copied into contiguous padded tensors ``[B, R, H]`` (``Σ 2·H·R`` elements per
+    projection, whatever each row's rank), then two ``torch.bmm``."""
+    A = wa[idx]                                                                   # [B, R, H] padded copy
+    Bw = wb[idx]                                                                  # [B, R, H]
+    v = torch.bmm(x.unsqueeze(1), A.transpose(1, 2))                              # [B, 1, R]
+    out = torch.bmm(v, Bw).squeeze(1) * scale.to(x.dtype)[:, None]                # [B, H]
+    return out if y is None else y.add_(out)
 
 
 def mbgmm_ref(x: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor, t: PoolTables, proj: int) -> torch.Tensor:
