@@ -15,9 +15,10 @@
 #   mlsys24:
 #     headline: 'Paper: Llama-2-7B WikiText-2 PPL FP16 5.47 -> AWQ INT4-g128 5.60, >3x
 #       decode speed-up. Ours (tiny Llama, CPython bytes): AWQ beats RTN at INT3 and
-#       INT4 (see the headline cell); our Triton W4A16 GEMV beats cuBLAS fp16 at M=1
-#       on an H200 (1.84x on the 7B MLP shapes, 2.14x on a 70B layer; not 3x) and batch-1
-#       decode of a 7B-shaped model by 1.35x (TinyChat 2.6-2.7x)'
+#       INT4 (see the headline cell); our Triton W4A16 GEMV at M=1 on the 7B MLP shapes
+#       is 2.3-2.5x cuBLAS fp16 on an H100 and 2.0-2.1x on an H200 (not 3x), 86% / 77%
+#       of copy bandwidth on a 70B layer (3.5x / 3.15x cuBLAS); fused batch-1 decode
+#       of a 7B-shaped model 2.35x (H100) / 2.1x (H200) fp16 tokens/s (TinyChat 2.6-2.7x)'
 #     paper: '07'
 #     slug: awq
 #     status: partial
@@ -512,14 +513,26 @@ if INT4_KEY is not None:
 #
 # Two Triton kernels share the packed weights. `w4a16_gemm` reads the AWQ layout directly (tensor cores,
 # for many rows). `w4a16_gemv` is the decode kernel (M = 1..8): like TinyChat, it runs on a copy of the
-# integers repacked once at load time (`gemv_repack`: K-major rows, one output channel's weights
-# contiguous; nibbles i and i+4 of a word hold two adjacent input channels), splits K across programs and
-# combines the partial sums inside the same launch (the last program of a tile, by an atomic ticket, adds
-# them: no zero-fill kernel, no second pass). Its inner loop never converts int→float: in fp32, nibble i
-# moved to bits 19..22 and OR-ed with the bits of 1.0 *is* 1 + q/16; for fp16 activations on a GPU, one
-# LOP3 turns two nibbles into the fp16 pair (1024 + q, 1024 + q'), and fp16x2 subtract/FMA finish
-# (q − z)·x (inline PTX). First the check against the float32 reference on this model's own packed weights
-# (interpreter on CPU: K=256, N=128, G=64; the fp32 loop).
+# integers repacked once at load time (`gemv_repack`; nibbles i and i+4 of a word hold two adjacent input
+# channels), splits K across programs and combines the partial sums inside the same launch (the last
+# program of a tile, by an atomic ticket, adds them: no zero-fill kernel, no second pass). Its inner loop
+# never converts int→float: in fp32, nibble i moved to bits 19..22 and OR-ed with the bits of 1.0 *is*
+# 1 + q/16; for fp16 activations on a GPU, one LOP3 turns two nibbles into the fp16 pair
+# (1024 + q, 1024 + q'), and fp16x2 subtract/FMA finish (q − z)·x (inline PTX). Three things decide its
+# speed, each a choice of the GPU sweep:
+#
+# - **layout**: row-major (one channel's words contiguous) or **group-major** (the words of one group of
+#   consecutive channels contiguous, their steps and zeros one coalesced row): a program's step reads one
+#   contiguous block instead of 64-byte pieces of many rows;
+# - **quad**: the fp16x2 sums of the 4 words a thread holds stay in one register, converted and scaled once
+#   (offline SASS, sm_90: 364 → 286 instructions per 64-channel x 2-group step, with the mask-free loads of
+#   full tiles);
+# - **prefetch**: the next step's words are requested before this step is computed (a software pipeline in
+#   registers), so each program keeps bytes in flight while it computes — a stream at the copy rate needs
+#   ~copy rate x DRAM latency in flight per SM (Little's law).
+#
+# First the check against the float32 reference on this model's own packed weights, in both layouts and
+# with the prefetching loop (interpreter on CPU: K=256, N=128, G=64; the fp32 loop).
 
 # %%
 if RUN_KERNEL_CHECK:
@@ -529,7 +542,8 @@ if RUN_KERNEL_CHECK:
     dev = "cuda" if GPU else "cpu"
     w_k = named_linears(model)["layers.0.self_attn.q_proj"].weight.detach()[:128].float()   # [N=128, K=256]
     pk = {k: v.to(dev) for k, v in awq_pack(w_k, 4, 64).items()}
-    pt = gemv_repack(pk["qweight"], pk["qzeros"], pk["scales"], 128)                       # K-major copy
+    pts = {lay: gemv_repack(pk["qweight"], pk["qzeros"], pk["scales"], 128, layout=lay)   # K-major copies
+           for lay in ("row", "group")}
     KERNEL_ERR = {}
     for M in (1, 4, 16):
         for dtype in (torch.float16, torch.float32):
@@ -538,11 +552,14 @@ if RUN_KERNEL_CHECK:
             if M == 16:
                 y = w4a16_gemm(x_k, pk["qweight"], pk["qzeros"], pk["scales"], 128,
                                config=W4A16Config(block_m=16, block_n=128, block_k=64, split_k=2, num_stages=2))
-            else:
-                y = w4a16_gemv(x_k, **pt, config=GemvConfig(block_n=64, unroll=1, split_k=2))
-            KERNEL_ERR[(M, str(dtype))] = float((y.float() - ref).abs().max())
-    print("max |kernel - reference| (M=1, 4: GEMV; M=16: tensor-core GEMM):",
-          {f"M={m} {d.removeprefix('torch.')}": f"{e:.1e}" for (m, d), e in KERNEL_ERR.items()})
+                KERNEL_ERR[(M, str(dtype), "awq")] = float((y.float() - ref).abs().max())
+                continue
+            for lay, pt in pts.items():
+                y = w4a16_gemv(x_k, **pt, config=GemvConfig(block_n=64, unroll=2, split_k=2, prefetch=True,
+                                                             quad=True, half2=True))
+                KERNEL_ERR[(M, str(dtype), lay)] = float((y.float() - ref).abs().max())
+    print("max |kernel - reference| (M=1, 4: GEMV, row/group layout; M=16: tensor-core GEMM):",
+          {f"M={m} {d.removeprefix('torch.')} {lay}": f"{e:.1e}" for (m, d, lay), e in KERNEL_ERR.items()})
 
 # %% [markdown]
 # **Back-of-envelope.** A decode-time matmul (M = 1..8 rows) reads each weight once and does 2 FLOPs per
@@ -552,10 +569,12 @@ if RUN_KERNEL_CHECK:
 # the catch: at 4.2 TB/s an H200 streams the 45 M weights of 11008 x 4096 in ~5.6 µs, while its 132 SMs
 # issue ~1 T warp-instructions/s (32 T thread-instructions/s): ~4 instructions per weight at most before
 # the kernel becomes issue-bound instead of memory-bound. Offline SASS (ptxas for sm_90, main loop of a
-# 64-row tile): the fp32 loop costs ~7.5 instructions per weight, the fp16x2 loop ~2.8. A second fixed
-# cost is the harness floor: one tiny kernel replayed from a CUDA graph already measures several µs
-# (printed below when the results have it), which bounds single-call speed-ups at 7B shapes; back-to-back
-# calls in one graph (the decode situation) do not pay it per call.
+# 64-row tile): the fp32 loop costs ~7.5 instructions per weight, the fp16x2 loop ~2.8, its 4-word
+# variant ~2.2. A second fixed cost is the harness floor: one tiny kernel replayed from a CUDA graph
+# already measures ~4 µs, which bounds single-call speed-ups at 7B shapes: with cuBLAS at t_fp16 and the
+# packed bytes at the copy rate, the best possible single-call ratio is t_fp16 / (floor + bytes / copy rate)
+# (printed per shape below as "max 1-call"); back-to-back calls in one graph (the decode situation) do
+# not pay the floor per call ("max chained").
 
 # %%
 from mlsys24.bench import gpu_results
@@ -574,7 +593,7 @@ else:
     print(GPU_RES.caption())
 
 # %%
-SPEEDUP_M1, CHAIN_M1, PCT_COPY_M1, DECODE, CROSSOVER = {}, {}, {}, None, {}
+SPEEDUP_M1, CHAIN_M1, PCT_COPY_M1, DECODE, DECODE_MODULE, CROSSOVER, BOUND = {}, {}, {}, None, None, {}, {}
 if GPU_RES is not None:
     recs = [r for r in GPU_RES.records if r.get("provider") in ("w4a16", "cublas_fp16") and "median_us" in r]
     shapes = [s for s in ("qkvo", "gate_up", "down") if any(r["shape"] == s for r in recs)]
@@ -605,9 +624,22 @@ if GPU_RES is not None:
     copy_bw = next(r["GBps"] for r in GPU_RES.records if r.get("op") == "copy")
     print(f"copy bandwidth {copy_bw:.0f} GB/s; graph floor (1-element kernel): "
           f"{'not in this file' if floor is None else f'{floor:.1f} µs'}")
-    print(f"{'shape':8s} {'cuBLAS µs':>10} {'W4A16 µs':>9} {'speed-up':>9} {'weights GB/s':>13} {'% copy':>7} "
-          f"{'eager x':>8} {'chained x':>10}  kernel / config")
-    for s in shapes + ["mlp_70b"]:
+    print(f"{'shape':13s} {'cuBLAS µs':>10} {'W4A16 µs':>9} {'speed-up':>9} {'weights GB/s':>13} {'% copy':>7} "
+          f"{'eager x':>8} {'chained x':>10} {'max 1-call':>11} {'max chained':>12}  layout / config")
+    BOUND = {r["shape"]: dict(r) for r in GPU_RES.records if r.get("provider") == "bound"}
+    # The floor is a fixed cost of every timed call, so it cannot exceed the fastest timed call of the
+    # run; where the recorded one does (a disturbed measurement), the bounds drop it (pure byte bound).
+    fastest = min((r["median_us"] for r in GPU_RES.records if r.get("M") == 1 and "median_us" in r
+                   and r.get("provider") in ("w4a16", "cublas_fp16")), default=None)
+    if floor is not None and fastest is not None and floor > fastest:
+        print(f"  the recorded graph floor ({floor:.1f} µs) exceeds the fastest timed call of this run "
+              f"({fastest:.1f} µs): not a fixed cost of every call, so the bounds below leave it out")
+        for s_, b_ in BOUND.items():
+            cb_ = _rec(s_, 1, "cublas_fp16")
+            b_["graph_floor_us"] = 0.0
+            if cb_ is not None:
+                b_["max_speedup_single"] = cb_["median_us"] / b_["copy_rate_us"]
+    for s in shapes + ["mlp_70b", "qkv_fused", "gate_up_fused"]:
         r, cb = _rec(s, 1, "w4a16"), _rec(s, 1, "cublas_fp16")
         if r is None or cb is None:
             continue
@@ -617,50 +649,113 @@ if GPU_RES is not None:
         c, c_cb = _rec(s, 1, "w4a16_chain"), _rec(s, 1, "cublas_fp16_chain")
         if c and c_cb:
             CHAIN_M1[s] = c_cb["median_us"] / c["median_us"]
-        cfg = r.get("config", {})
-        print(f"{s:8s} {cb['median_us']:10.1f} {r['median_us']:9.1f} {SPEEDUP_M1[s]:8.2f}x {r['weight_GBps']:13.0f} "
+        cfg, b = r.get("config", {}), BOUND.get(s, {})
+        print(f"{s:13s} {cb['median_us']:10.1f} {r['median_us']:9.1f} {SPEEDUP_M1[s]:8.2f}x {r['weight_GBps']:13.0f} "
               f"{PCT_COPY_M1[s]:6.0f}% {(e_cb['median_us'] / e['median_us']) if e and e_cb else float('nan'):7.2f}x "
-              f"{CHAIN_M1.get(s, float('nan')):9.2f}x  {r.get('kernel', '?')} "
-              f"BN={cfg.get('block_n')} split={cfg.get('split_k')} half2={cfg.get('half2', False)}")
+              f"{CHAIN_M1.get(s, float('nan')):9.2f}x {b.get('max_speedup_single', float('nan')):10.2f}x "
+              f"{b.get('max_speedup_chain', float('nan')):11.2f}x  {r.get('layout', 'row')} "
+              f"BN={cfg.get('block_n')} unroll={cfg.get('unroll')} split={cfg.get('split_k')} "
+              f"warps={cfg.get('num_warps')} quad={cfg.get('quad', False)} prefetch={cfg.get('prefetch', False)}")
+    for s in shapes + ["mlp_70b"]:       # what the layout alone is worth: each layout's best candidate
+        r = _rec(s, 1, "w4a16")
+        if r is None:
+            continue
+        best_lay = {lay: min((c["median_us"] for c in r.get("candidates", [])
+                              if c.get("layout", "row") == lay and "median_us" in c), default=float("nan"))
+                    for lay in ("row", "group")}
+        print(f"  {s}: best row-major {best_lay['row']:.1f} µs, best group-major {best_lay['group']:.1f} µs "
+              f"({r.get('n_candidates', 0)} configurations validated and timed)")
     for r in GPU_RES.records:
         if r.get("op") == "crossover":
             CROSSOVER = {k: v for k, v in r["crossover_M"].items() if k in shapes}
         if r.get("op") == "decode" and "speedup" in r:
-            DECODE = r
+            DECODE = r if DECODE is None or r.get("path") == "fused" else DECODE
     print("crossover (smallest measured M where cuBLAS fp16 beats our best kernel):", CROSSOVER)
+    DECODE_MODULE = next((r for r in GPU_RES.records if r.get("op") == "decode" and r.get("path") == "module"
+                          and "speedup" in r), None)
     if DECODE is not None:
-        lin_us = sum(n * _rec(s, 1, "cublas_fp16")["median_us"] for s, n in (("qkvo", 4), ("gate_up", 2), ("down", 1))
-                     if _rec(s, 1, "cublas_fp16"))
         print(f"decode, {DECODE['model']}, {DECODE['n_layers']} layers, batch 1, context {DECODE['context']}, "
               f"CUDA graphs: fp16 {DECODE['fp16_ms']:.2f} ms ({DECODE['fp16_tok_s']:.0f} tok/s), W4A16 "
               f"{DECODE['w4a16_ms']:.2f} ms ({DECODE['w4a16_tok_s']:.0f} tok/s): {DECODE['speedup']:.2f}x")
-        print(f"  the step's fp16 linears alone (sum of single-call times x {DECODE['n_layers']} layers): "
-              f"~{lin_us * DECODE['n_layers'] / 1e3:.2f} ms; the rest of the fp16 step (attention, norms, RoPE, lm_head, "
-              f"gaps) ~{DECODE['fp16_ms'] - lin_us * DECODE['n_layers'] / 1e3:.2f} ms, which W4A16 does not shrink")
-        fig2 = viz.paper_vs_ours(["A6000 (paper)", "RTX 4090 (paper)", "Jetson Orin (paper)",
-                                  f"{GPU_RES.device} (ours)"],
-                                 [None, None, None, DECODE["speedup"]], [2.61, 2.68, 2.70, None],
+        if "fp16_linears_ms" in DECODE:   # the fused step, profiled by parts (each part its own graph)
+            print(f"  profile of the fused step: projections + lm_head alone fp16 {DECODE['fp16_linears_ms']:.2f} ms "
+                  f"vs W4A16 {DECODE['w4a16_linears_ms']:.2f} ms ({DECODE['linears_speedup']:.2f}x); everything else "
+                  f"(embedding, add+RMSNorm, RoPE+KV write, attention, silu*mul) {DECODE['fp16_others_ms']:.2f} / "
+                  f"{DECODE['w4a16_others_ms']:.2f} ms, the same kernels on both sides")
+        if DECODE_MODULE is not None:
+            print(f"  the module-by-module step (separate q/k/v and gate/up, ~40 small kernels per layer), same run: "
+                  f"fp16 {DECODE_MODULE['fp16_ms']:.2f} ms, W4A16 {DECODE_MODULE['w4a16_ms']:.2f} ms: "
+                  f"{DECODE_MODULE['speedup']:.2f}x")
+        names = ["A6000 (paper)", "RTX 4090 (paper)", "Jetson Orin (paper)"]
+        ours = [None, None, None]
+        if DECODE_MODULE is not None:
+            names.append(f"{GPU_RES.device}, module-by-module step (ours)")
+            ours.append(DECODE_MODULE["speedup"])
+        names.append(f"{GPU_RES.device}, fused step (ours)")
+        ours.append(DECODE["speedup"])
+        fig2 = viz.paper_vs_ours(names, ours, [2.61, 2.68, 2.70] + [None] * (len(names) - 3),
                                  title="Batch-1 decode speed-up of W4A16 over fp16 (tokens/s ratio)",
                                  y="speed-up over fp16 (x)", paper_label="TinyChat, Llama-2-7B (paper)",
                                  ours_label="ours: random-weight Llama-2-7B shape, CUDA graphs")
         viz.caption(fig2, GPU_RES.caption() + f"<br>Ours: {DECODE['n_layers']} layers, all 7 projections per layer "
                     "W4A16 (G=128), embeddings/norms/attention/lm_head fp16, one decode step at a 512-token context "
-                    "replayed from a CUDA graph. Paper: TinyChat README per-token latency, real Llama-2-7B.")
+                    "replayed from a CUDA graph; fused: concatenated q/k/v and gate/up, fused norms/RoPE/silu, the "
+                    "same kernels on both sides. Paper: TinyChat README per-token latency, real Llama-2-7B.")
         viz.save(fig2, SLUG, "decode_speedup")
         fig2.show()
 
 # %% [markdown]
-# **Takeaway (honest).** In the committed H200 run the sweep chose the **fp16x2 inner loop** for every
-# M = 1 shape (its default now). The GEMV is **correct** at every shape and **faster than cuBLAS fp16 at
-# batch 1**: 1.84x on both 7B MLP shapes (2.0x when 8 calls run back-to-back in one graph, as in decode),
-# 1.6x on 4096 x 4096 and 2.14x on the 70B-sized layer, where it streams the packed weights at ~51 % of
-# copy bandwidth (60 % targeted). That is still well short of the paper's >3x: the fp16x2 loop is near the
-# ~4 instructions-per-weight budget (offline SASS ~2.8 for the loop alone), and at 7B shapes a single timed
-# call also carries a fixed cost that cuBLAS pays too. End to end, batch-1 decode of the 7B-shaped model
-# gains 1.35x, far from TinyChat's 2.6-2.7x: the printout shows the non-matmul part of our decode step
-# (unfused attention over a gathered paged cache, norms, RoPE, the fp16 lm_head) comparable to the fp16
-# linears, and W4A16 does not touch it — TinyChat fuses those kernels too. From M = 4 on, cuBLAS fp16
-# wins (crossover printed above); the tensor-core kernel is slower than cuBLAS at every M it was chosen for.
+# **Every card on file.** The cell above reads the newest run; the same benchmark has been run on more
+# than one card (the issue's targets name an H100; cuBLAS and the copy rate differ per card), so here is
+# each committed run's M = 1 speed-up, the 70B layer's share of copy bandwidth and the decode ratio.
+
+# %%
+from mlsys24.bench import load_results
+
+print(f"{'GPU':24s} {'gate_up x':>9} {'down x':>7} {'bound x':>8} {'70B % copy':>10} {'decode x':>9}  date")
+for rf in load_results(SLUG):
+    if rf.meta.get("device_type") != "cuda":
+        continue
+    one = {(r.get("shape"), r.get("provider")): r for r in rf.records if r.get("M") == 1 and "median_us" in r}
+    sp = {k: one[(k, "cublas_fp16")]["median_us"] / one[(k, "w4a16")]["median_us"]
+          for k in ("gate_up", "down", "mlp_70b") if (k, "w4a16") in one and (k, "cublas_fp16") in one}
+    cp = next((r["GBps"] for r in rf.records if r.get("op") == "copy"), None)
+    bd = [one[(k, "cublas_fp16")]["median_us"] / b["copy_rate_us"] for k in ("gate_up", "down")
+          for b in rf.records if b.get("provider") == "bound" and b.get("shape") == k and (k, "cublas_fp16") in one]
+    dec = next((r["speedup"] for r in rf.records if r.get("op") == "decode" and r.get("path") == "fused"
+                and "speedup" in r), None)
+    pct = 100 * one[("mlp_70b", "w4a16")]["weight_GBps"] / cp if cp and ("mlp_70b", "w4a16") in one else float("nan")
+    print(f"{rf.meta.get('device', '?'):24s} {sp.get('gate_up', float('nan')):8.2f}x {sp.get('down', float('nan')):6.2f}x "
+          f"{min(bd) if bd else float('nan'):7.2f}x {pct:9.0f}% {dec if dec else float('nan'):8.2f}x  "
+          f"{str(rf.meta.get('date', ''))[:10]}")
+print("bound: cuBLAS time / (packed bytes at the run's measured copy rate), the smaller of the two shapes")
+
+# %% [markdown]
+# **Takeaway (honest).** In the committed H200 run every M = 1 shape chose the **group-major layout** and
+# the **4-word fp16x2 loop** (the defaults now, `GEMV_TABLE_M1`). The layout is the largest single step:
+# on the 70B-sized layer the best row-major configuration takes 49 µs, the best group-major one 37 µs
+# (the fp32 loop: 75 µs), and the layer now streams its packed weights at ~77 % of copy bandwidth,
+# **3.15x cuBLAS fp16** (60 % targeted). At the 7B shapes the GEMV is 2.0-2.1x cuBLAS per single timed
+# call (2.3-2.4x when 8 calls run back-to-back in one graph, as in decode): short of 3x, and the bound
+# printed above says why on this card: cuBLAS fp16 already streams ~75 % of the copy rate on an H200, and
+# a single call carries a ~4 µs graph/launch floor, so even reading the 23.6 MB of packed weights at the
+# full copy rate would give ~2.8x (gate/up) to ~3.1x (down). The issue's 3x was set against an H100, and
+# the H100 run (the newest, asserted above) tells a different story: there cuBLAS fp16 takes ~38 µs at
+# these shapes (79 % of that card's 3.0 TB/s copy rate; the issue's anchor said ~44 µs), our GEMV 15-16 µs,
+# **2.3-2.5x** (2.7-2.9x back-to-back), with a byte bound near 4.8x: on the H100 the miss is the
+# kernel's, which streams only ~50 % of the copy rate at these 23.6 MB sizes while it reaches 86 % on the
+# 70B layer: each call spends ~7 µs beyond its byte time, which looks like a fixed per-call cost (the
+# back-to-back timing, which overlaps consecutive calls, recovers part of it) — not profiled. The 70B
+# layer is 3.5x cuBLAS on the H100.
+#
+# End to end, the **fused decode step** (q/k/v and gate/up concatenated at load time, add+RMSNorm,
+# RoPE+KV write and silu*mul one kernel each: 10 launches per layer) makes batch-1 decoding of the
+# 7B-shaped model **2.1x** (H200) and **2.35x** (H100) faster in tokens/s with W4A16 than with fp16
+# (TinyChat: 2.6-2.7x), against 1.4-1.5x for the module-by-module step in the same runs. The profile explains it: the projections alone run
+# 2.45x faster, and what is left (0.5 ms per token of norms, RoPE, attention) is the same on both sides —
+# the fusions cut it from ~4 ms (the module-by-module step minus its projections) to 0.5 ms, which
+# is what lets the projection speed-up show. From M = 4 on, cuBLAS fp16 wins (crossover printed above); the
+# tensor-core kernel is slower than cuBLAS at every M it was chosen for.
 #
 # ## 9. MiniLM: a real pretrained encoder under AWQ vs RTN
 #
@@ -747,7 +842,7 @@ if MINILM is not None:                                        # 6. MiniLM: AWQ c
 if INT4_KEY is not None:                                      # 7. real int4 = fake quant (up to fp16 steps); checkpoint
     assert REAL_VS_FAKE < 5e-3 and CKPT_SAME
 if RUN_KERNEL_CHECK:                                          # 7b. kernels == dequantize + matmul
-    assert all(e <= (1e-3 if "float32" in d else 2e-2) for (m, d), e in KERNEL_ERR.items()), KERNEL_ERR
+    assert all(e <= (1e-3 if "float32" in d else 2e-2) for (m, d, lay), e in KERNEL_ERR.items()), KERNEL_ERR
 if GPU_RES is not None:                                       # 8. GPU claims, from the run named here
     w4 = [r for r in GPU_RES.records if r.get("provider") == "w4a16" and "median_us" in r]
     errs = [c["rel_err"] for r in w4 for c in r.get("candidates", []) if "median_us" in c]
@@ -763,6 +858,20 @@ if GPU_RES is not None:                                       # 8. GPU claims, f
               + ", ".join(f"{k} {v:.2f}x" for k, v in m1.items())
               + (" (back-to-back in one graph: " + ", ".join(f"{k} {CHAIN_M1[k]:.2f}x" for k in m1 if k in CHAIN_M1)
                  + ")" if CHAIN_M1 else ""))
+        bnd = {k: BOUND[k]["max_speedup_single"] for k in m1 if k in BOUND}
+        if bnd:   # the arithmetic: cuBLAS time / (graph floor + packed bytes at the measured copy rate)
+            peak = {}
+            for k in bnd:   # the same with the datasheet bandwidth (the roofline's peak) instead of the copy rate
+                r, b = _rec(k, 1, "w4a16"), BOUND[k]
+                peak_GBps = r["GBps"] * 100 / r["pct_peak_bw"]
+                peak[k] = _rec(k, 1, "cublas_fp16")["median_us"] / (b["graph_floor_us"] + b["weight_bytes"] / peak_GBps / 1e3)
+            print("    bound on this card, single call, packed bytes at the measured copy rate: "
+                  + ", ".join(f"{k} {v:.2f}x" for k, v in bnd.items()) + "; at the datasheet peak: "
+                  + ", ".join(f"{k} {v:.2f}x" for k, v in peak.items())
+                  + (" -> 3x is out of reach here unless the GEMV streams faster than a device copy"
+                     if min(bnd.values()) < 3.0 else ""))
+            for k in bnd:   # nothing beats the datasheet bandwidth (5 %: timing noise)
+                assert SPEEDUP_M1[k] <= 1.05 * peak[k], (k, SPEEDUP_M1[k], peak[k])
     if "mlp_70b" in PCT_COPY_M1:
         pct = PCT_COPY_M1["mlp_70b"]
         print(f"  {'reproduced' if pct >= 60 else 'NOT REPRODUCED'}: 28672x8192 layer reads its packed weights at "
@@ -770,8 +879,11 @@ if GPU_RES is not None:                                       # 8. GPU claims, f
     if DECODE is not None:
         print(f"  {'reproduced' if DECODE['speedup'] >= 2.0 else 'NOT REPRODUCED'}: batch-1 decode >= 2x fp16 "
               f"tokens/s (TinyChat 2.6-2.7x); measured {DECODE['speedup']:.2f}x ({DECODE['n_layers']} layers, "
-              "CUDA graphs)")
+              f"CUDA graphs, {'fused step' if DECODE.get('path') == 'fused' else 'module-by-module step'})")
         assert DECODE["speedup"] > 1.0                        #    and it does make decoding faster
+        if DECODE_MODULE is not None and DECODE.get("path") == "fused":
+            # the fusions, applied to both sides, raise the W4A16 gain over the module-by-module step
+            assert DECODE["speedup"] > DECODE_MODULE["speedup"], (DECODE["speedup"], DECODE_MODULE["speedup"])
     print(f"  crossover M (cuBLAS fp16 wins from): {CROSSOVER}")
 else:
     print("GPU claims skipped: run `PYTHONPATH=lib python3 -m mlsys24.bench awq` on a GPU machine")
@@ -848,9 +960,11 @@ if INTERACTIVE:
 #    s against s_X (Explore) — is it close to "1 % scaled, 99 % untouched"?
 # 3. Folding into a post-LN LayerNorm is not exact (MiniLM). Prove it, then measure the cost of the
 #    explicit input scale we use instead.
-# 4. The GEMV is issue-bound, not memory-bound (section 8). Count the SASS instructions per weight of
-#    both inner loops (`triton.compile(..., target=GPUTarget("cuda", 90, 32))`, then `nvdisasm`), then
-#    measure both on a GPU: does the time follow the instruction count, and where does the fp16x2 loop
-#    stop gaining (hint: bytes in flight per SM)?
-# 5. Our decode step spends as long outside the linears as inside them. Which kernels are those, and
-#    how much would `DecodeGraphs(..., compile=True)` (torch.compile fusion inside the graph) recover?
+# 4. Count the SASS instructions per weight of the GEMV's inner loops (`triton.compile(...,
+#    target=GPUTarget("cuda", 90, 32))`, then `nvdisasm`), then compare the sweep's per-layout bests: the
+#    group-major layout and the prefetch change no instruction in the loop but move the 70B layer most.
+#    Why (hint: Little's law, bytes in flight per SM, DRAM pages)?
+# 5. The fused decode step (`FusedDecoder`) still spends ~0.5 ms per token outside the projections on
+#    both sides. Which launches are those, and what would fusing RMSNorm into the following GEMV's
+#    prologue, or the residual add into the previous GEMV's split-K fix-up, buy (and would cuBLAS get the
+#    same fusion)?

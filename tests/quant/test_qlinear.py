@@ -10,6 +10,8 @@ from mlsys24.models import random_llama
 from mlsys24.quant.qlinear import QuantLinear, load_awq_checkpoint, quantize_linears, save_awq_checkpoint
 from mlsys24.quant.quantizer import fake_quant
 
+DEV = "cuda" if torch.cuda.is_available() else "cpu"   # CPU: the Triton interpreter (tests/conftest.py)
+
 
 def test_quantlinear_matches_rtn_linear():
     g = torch.Generator().manual_seed(0)
@@ -33,7 +35,7 @@ def test_quantlinear_kernel_path_matches_cpu_path():
     x = torch.randn(3, 96, generator=g).half()
     y_cpu = q(x.float())
     q.use_kernel = True
-    y_k = q(x)
+    y_k = q.to(DEV)(x.to(DEV)).cpu()
     assert y_k.dtype == torch.float16
     assert torch.allclose(y_k.float(), y_cpu, atol=2e-2, rtol=2e-3)
 
@@ -61,3 +63,29 @@ def test_awq_checkpoint_round_trip(tmp_path):
 def test_checkpoint_requires_quantized_model(tmp_path):
     with pytest.raises(ValueError, match="QuantLinear"):
         save_awq_checkpoint(copy.deepcopy(random_llama("tiny")), tmp_path)
+
+
+@pytest.mark.parametrize("quant", [False, True])
+def test_fused_decoder_matches_module_forward(quant):
+    # step-by-step fused decode (fused projections, add+norm, RoPE+KV write, split-KV attention,
+    # silu*mul) gives the logits of the module-by-module forward over the whole prefix
+    from mlsys24.models.config import preset
+    from mlsys24.quant.qlinear import FusedDecoder
+
+    cfg = preset("llama2-7b", n_layers=1, d_model=128, n_heads=2, n_kv_heads=2, ffn_dim=128, vocab_size=64)
+    model = random_llama(cfg, DEV, torch.float32, seed=3)
+    model.cfg.init_std = 0.05
+    model.reset_parameters(seed=3)
+    dec = FusedDecoder(model, max_len=8, quantize=quant, group_size=64)
+    if quant:
+        quantize_linears(model, 4, 64)
+    ids = torch.tensor([[5, 17, 60]], device=DEV)
+    with torch.no_grad():
+        ref = model(ids)[0].float()                       # [T, vocab]
+        got = torch.cat([dec.step(int(t), i) for i, t in enumerate(ids[0].tolist())]).float()
+    err = ((got - ref).abs().max() / ref.abs().max()).item()
+    assert err < 1e-4, err
+    d, F = cfg.d_model, cfg.ffn_dim
+    n_weights = 4 * d * d + 3 * d * F
+    # fp32 weights: 4 bytes each; W4A16: half a byte + an fp16 step and a uint8 zero per 64 weights
+    assert dec.weight_bytes() == (n_weights // 2 + 3 * n_weights // 64 if quant else 4 * n_weights)

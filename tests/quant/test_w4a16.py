@@ -139,6 +139,37 @@ def test_gemv_matches_references(dtype, M, N, K, G, cfg):
     assert err <= GEMV_TOL[dtype], f"relative error {err:.3g}"
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("M,N,K,G,cfg", [
+    (1, 128, 256, 64, GemvConfig(block_n=64, unroll=2, split_k=2)),
+    (1, 83, 127, 32, GemvConfig(block_n=32, unroll=1, split_k=3)),
+    (3, 40, 256, 128, GemvConfig(block_n=32, unroll=1, split_k=1)),
+])
+def test_gemv_group_major_layout(dtype, M, N, K, G, cfg):
+    # the same words stored group-major (a strided view with the row-major shapes): same result
+    x, p, t = _gemv_case(M, N, K, G, dtype)
+    tg = {k: v.to(DEV) for k, v in gemv_repack(p["qweight"].cpu(), p["qzeros"].cpu(), p["scales"].cpu(), N,
+                                                layout="group").items()}
+    assert tg["qweight_t"].dim() == 3 and tg["qweight_t"].stride(0) == G // 8 and tg["scales_t"].stride(0) == 1
+    assert torch.equal(w4a16_gemv_ref(x, **tg), w4a16_gemv_ref(x, **t))
+    y_row, y_grp = w4a16_gemv(x, **t, config=cfg), w4a16_gemv(x, **tg, config=cfg)
+    assert torch.allclose(y_grp.float(), y_row.float(), rtol=1e-5, atol=1e-5 * y_row.abs().max().item())
+
+
+@pytest.mark.parametrize("M,N,K,G,cfg", [
+    (1, 64, 512, 64, GemvConfig(block_n=32, unroll=2, split_k=2, prefetch=True)),    # full tiles: no masks
+    (1, 83, 320, 64, GemvConfig(block_n=32, unroll=2, split_k=2, prefetch=True)),    # 5 groups: a half step
+    (2, 64, 256, 32, GemvConfig(block_n=64, unroll=1, split_k=3, prefetch=True)),
+    (1, 64, 256, 64, GemvConfig(block_n=32, unroll=1, split_k=1, prefetch=True, quad=True)),
+])
+def test_gemv_prefetch_and_unmasked_paths(M, N, K, G, cfg):
+    # the register-prefetch loop (and the mask-free loads of full tiles) give the reference result
+    x, p, t = _gemv_case(M, N, K, G, torch.float32, seed=11)
+    ref = w4a16_ref(x, p["qweight"], p["qzeros"], p["scales"], N)
+    y = w4a16_gemv(x, **t, config=cfg)
+    assert ((y - ref).abs().max() / ref.abs().max()).item() <= GEMV_TOL[torch.float32]
+
+
 def test_gemv_split_k_tickets_reset_and_noncontiguous_input():
     # the split-K fix-up leaves its tickets at 0, so back-to-back launches (and CUDA-graph replays) agree
     x, p, t = _gemv_case(1, 64, 256, 64, torch.float16, seed=5)
@@ -159,10 +190,16 @@ def test_gemv_split_k_tickets_reset_and_noncontiguous_input():
 
 
 def test_default_gemv_config_fills_the_gpu():
-    for N, K in ((4096, 4096), (11008, 4096), (4096, 11008), (28672, 8192)):
+    from mlsys24.quant.w4a16 import GEMV_TABLE_M1
+
+    for (N, K), (bn, u, split, w, pf) in GEMV_TABLE_M1.items():     # the measured shapes: the sweep's choice
+        c = default_gemv_config(1, N, K, 128)
+        assert (c.block_n, c.unroll, c.split_k, c.num_warps, c.prefetch) == (bn, u, split, w, pf) and c.quad
+    for N, K in ((5120, 5120), (13824, 5120), (5120, 13824), (8192, 8192), (1024, 4096)):   # others: the rule
         c = default_gemv_config(1, N, K, 128)
         programs = -(-N // c.block_n) * c.split_k
-        assert programs >= 4 * 132 or -(-K // 128) // c.split_k < 8, (N, K, c)
+        assert programs >= 7.5 * 132 or c.split_k == -(-K // 128) // 4, (N, K, c)
+        assert -(-K // 128) // c.split_k >= 4
     with pytest.raises(ValueError, match="power of two"):
         x, _, t = _gemv_case(1, 8, 96, 96, torch.float32)
         w4a16_gemv(x, **t)
@@ -171,9 +208,11 @@ def test_default_gemv_config_fills_the_gpu():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the fp16x2 loop is inline PTX: GPU only")
 @pytest.mark.parametrize("M,N,K,G", [(1, 4096, 4096, 128), (1, 83, 130, 64), (3, 130, 256, 32), (8, 64, 512, 128)])
 @pytest.mark.parametrize("split_k", [1, 4])
-def test_gemv_half2_matches_reference(M, N, K, G, split_k):
+@pytest.mark.parametrize("quad,prefetch", [(False, False), (True, False), (True, True)])
+def test_gemv_half2_matches_reference(M, N, K, G, split_k, quad, prefetch):
     x, p, t = _gemv_case(M, N, K, G, torch.float16, seed=7)
-    y = w4a16_gemv(x, **t, config=GemvConfig(block_n=64, unroll=2, split_k=split_k, half2=True))
+    y = w4a16_gemv(x, **t, config=GemvConfig(block_n=64, unroll=2, split_k=split_k, half2=True, quad=quad,
+                                             prefetch=prefetch))
     ref = w4a16_ref(x, p["qweight"], p["qzeros"], p["scales"], N)
     err = ((y.float() - ref).abs().max() / ref.abs().max().clamp_min(1.0)).item()
     assert err <= 3e-3, f"relative error {err:.3g}"   # fp16 partial sums of 8 products, then fp32

@@ -1,19 +1,25 @@
-"""GPU benchmark of AWQ's W4A16 kernels: ``python -m mlsys24.bench awq [--quick] [--budget-s=S]``.
+"""GPU benchmark of AWQ's W4A16 kernels: ``python -m mlsys24.bench awq [--quick] [--budget-s=S]
+[--no-legacy-decode]``.
 
 One run, one GPU, every kernel number timed with :func:`mlsys24.bench.measure` (CUDA events, L2
 flushed before each call) around CUDA-graph replays, so launch overhead is out of every provider's
 number alike (eager numbers of the M = 1 winners are recorded beside them):
 
-1. copy bandwidth (1 GiB device-to-device, bytes read + written): the practical HBM ceiling;
+1. copy bandwidth (1 GiB device-to-device, bytes read + written): the practical HBM ceiling; the
+   graph floor (one 1-element kernel timed the same way: the fixed cost of a timed call);
 2. M = 1 on Llama-2-7B's weight shapes ``[N, K]`` (q/k/v/o 4096x4096, gate/up 11008x4096,
-   down 4096x11008) and a 70B-sized MLP layer (28672x8192): cuBLAS fp16 (``F.linear``) vs the
-   GEMV (``w4a16_gemv`` on the K-major layout, G = 128) over a grid of tile configurations x
-   split-K, every candidate checked against the float32 reference before it is timed;
-3. M = 2 .. 256 on the 7B shapes: cuBLAS vs the best of the GEMV (M <= 16) and the tensor-core
-   kernel (``w4a16_gemm``, AWQ layout): the crossover M where fp16 wins;
-4. batch-1 decode of a random-weight Llama-2-7B-shaped model (``n_layers`` stated in the record),
-   fp16 vs W4A16 (every q/k/v/o/gate/up/down projection; embeddings and lm_head stay fp16), one
-   decode step at a 512-token context captured in a CUDA graph (``serving.DecodeGraphs``).
+   down 4096x11008), the concatenated decode shapes ([q; k; v] 12288x4096, [gate; up] 22016x4096) and
+   a 70B-sized MLP layer (28672x8192): cuBLAS fp16 (``F.linear``) vs the GEMV (``w4a16_gemv``, G = 128)
+   over a grid of tile configurations x split-K x layout (row- / group-major), every candidate checked
+   against the float32 reference before it is timed; for the single-shape winners also 8 back-to-back
+   calls in one graph, eager calls, and the bound (cuBLAS time over the graph floor plus the packed
+   bytes at the copy rate);
+3. batch-1 decode of a random-weight Llama-2-7B-shaped model, fp16 vs W4A16, one decode step at a
+   512-token context in a CUDA graph: the fused step (``qlinear.FusedDecoder``; profiled by a graph of
+   its projections alone and one of everything else) and the module-by-module step
+   (``serving.DecodeGraphs``);
+4. M = 2 .. 256 on the 7B shapes: cuBLAS vs the best of the GEMV (M <= 16) and the tensor-core
+   kernel (``w4a16_gemm``, AWQ layout): the crossover M where fp16 wins.
 
 Roofline: weight bytes (fp16: 2 B/weight; GEMV: packed ints + fp16 scale and uint8 zero per group)
 plus activations, over time, as GB/s and % of the measured copy rate. Imports torch, triton and
@@ -39,16 +45,24 @@ __all__ = ["run", "SHAPES", "BIG", "GROUP", "gemv_bytes"]
 SLUG = "awq"
 GROUP = 128
 SHAPES = {"gate_up": (11008, 4096), "down": (4096, 11008), "qkvo": (4096, 4096)}   # [N, K] of Llama-2-7B
+FUSED = {"qkv_fused": (12288, 4096), "gate_up_fused": (22016, 4096)}              # [q; k; v], [gate; up]
 BIG = ("mlp_70b", (28672, 8192))                                                 # Llama-2-70B gate/up
 SWEEP_MS = [2, 4, 8, 16, 32, 64, 128, 256]
-# GEMV grid (block_n, unroll, num_warps, num_stages, half2); split-K is a runtime argument tried on top.
-# half2 = the fp16x2 inner loop (inline PTX); the half2=False rows are the fp32-loop ablation.
-GEMV_GRID = [(bn, u, 4, 1, True) for bn in (32, 64, 128) for u in (1, 2, 4)] + \
-            [(64, 2, 8, 1, True), (128, 2, 8, 1, True), (256, 2, 8, 1, True), (32, 2, 2, 1, True),
-             (64, 2, 2, 1, True), (64, 2, 4, 3, True), (64, 1, 4, 1, False), (64, 2, 4, 1, False),
-             (128, 1, 8, 1, False)]
-GEMV_SPLITS = [1, 2, 4, 8, 16]
-GEMV_GRID_MB = [(32, 2, 4, 1, False), (64, 2, 4, 1, True), (32, 2, 4, 1, True), (128, 2, 4, 1, True)]   # M = 2 .. 16
+# GEMV grid (block_n, unroll, num_warps, num_stages, half2, quad, prefetch); split-K is a runtime argument
+# tried on top, and each row in both GEMV layouts (row-major and group-major, see pack.gemv_repack).
+# half2 = the fp16x2 inner loop (inline PTX), quad = its 4-word variant, prefetch = the register
+# software pipeline; the half2=False row is the fp32-loop ablation (row-major only).
+GEMV_GRID = ([(bn, u, w, 1, True, False, False) for bn, u, w in ((32, 2, 4), (64, 2, 4), (64, 4, 4), (128, 2, 8))]
+             + [(bn, u, w, 1, True, True, False) for bn, u, w in
+                ((32, 2, 4), (64, 1, 4), (64, 2, 4), (64, 4, 4), (128, 2, 4), (128, 2, 8), (128, 4, 8), (256, 2, 8))]
+             + [(bn, u, w, 1, True, True, True) for bn, u, w in
+                ((32, 1, 4), (32, 2, 4), (64, 1, 4), (64, 2, 4), (64, 1, 8), (128, 1, 4), (128, 2, 4), (128, 1, 8),
+                 (128, 2, 8), (256, 1, 8), (256, 2, 8))]
+             + [(64, 2, 4, 1, False, False, False)])
+GEMV_SPLITS = [1, 2, 3, 4, 6, 8, 12, 16]
+GEMV_LAYOUTS = ("row", "group")
+GEMV_GRID_MB = [(32, 2, 4, 1, False, False, False), (64, 2, 4, 1, True, False, False),
+                (64, 2, 4, 1, True, True, True), (128, 2, 4, 1, True, True, True)]            # M = 2 .. 16
 CHAIN = 8   # back-to-back calls on distinct weight copies in one graph (the decode situation)
 TC_EXTRA = [(16, 256, 64, True, 4, 4, 2), (64, 256, 64, True, 8, 3, 2), (128, 256, 64, True, 8, 3, 2)]
 TOL = 3e-3   # fp16 output: relative to max |ref| (the GEMV's zero point is stored as fp16 -z*s)
@@ -79,7 +93,7 @@ def _rec(shape, N, K, M, provider, t, wbytes, copy_GBps, **extra) -> dict:
 
 
 class _Layer:
-    """One weight shape, quantized once: AWQ layout (tensor-core kernel) + GEMV layout."""
+    """One weight shape, quantized once: AWQ layout (tensor-core kernel) + both GEMV layouts."""
 
     def __init__(self, N, K, dev, dtype):
         g = torch.Generator(device="cpu").manual_seed(N * 7 + K)
@@ -87,7 +101,8 @@ class _Layer:
         self.w16 = (torch.randn(N, K, generator=g) * 0.02).to(dtype).to(dev)
         p = awq_pack(self.w16.float(), 4, GROUP)
         self.qw, self.qz, self.sc = (p[k] for k in ("qweight", "qzeros", "scales"))
-        self.t = gemv_repack(self.qw, self.qz, self.sc, N)
+        self.ts = {lay: gemv_repack(self.qw, self.qz, self.sc, N, layout=lay) for lay in GEMV_LAYOUTS}
+        self.t = self.ts["row"]
         self.gen = g
 
     def x(self, M, dtype, dev):
@@ -114,16 +129,32 @@ def _try(fn, ref, scale, repeats, gpu, meta: dict, tried: list):
         return None
 
 
-def _gemv_candidates(M: int, gpu: bool, n_groups: int) -> list[GemvConfig]:
+def _cfg_str(cfg) -> str:
+    """A short name of a configuration for the log."""
+    if isinstance(cfg, GemvConfig):
+        kind = ("h2q" if cfg.quad else "h2") if cfg.half2 else "f32"
+        return (f"bn{cfg.block_n} u{cfg.unroll} s{cfg.split_k} w{cfg.num_warps} st{cfg.num_stages} {kind}"
+                + (" pf" if cfg.prefetch else ""))
+    return f"tc bm{cfg.block_m} bn{cfg.block_n} bk{cfg.block_k} s{cfg.split_k} w{cfg.num_warps} st{cfg.num_stages}"
+
+
+def _gemv_candidates(M: int, gpu: bool, n_groups: int) -> list[tuple[str, GemvConfig]]:
+    """(layout, config) pairs: at M = 1 the whole grid in both layouts (the fp32 ablation row-major only)."""
     if not gpu:
-        grid, splits = [(32, 1, 4, 1, False)], [1, 2]
+        grid, splits, layouts = [(32, 1, 4, 1, False, False, False), (32, 2, 4, 1, False, False, True)], [1, 2], \
+            GEMV_LAYOUTS
     else:
         grid, splits = (GEMV_GRID if M == 1 else GEMV_GRID_MB), (GEMV_SPLITS if M == 1 else [1, 4, 8])
+        layouts = GEMV_LAYOUTS if M == 1 else ("row",)
     out = []
-    for bn, u, w, st, h2 in grid:
-        for sp in splits:
-            if n_groups // sp >= u:
-                out.append(GemvConfig(block_n=bn, unroll=u, split_k=sp, num_warps=w, num_stages=st, half2=h2))
+    for lay in layouts:
+        for bn, u, w, st, h2, quad, pf in grid:
+            if not h2 and lay != "row" and gpu:
+                continue
+            for sp in splits:
+                if n_groups // sp >= u:
+                    out.append((lay, GemvConfig(block_n=bn, unroll=u, split_k=sp, num_warps=w, num_stages=st,
+                                                half2=h2, quad=quad, prefetch=pf)))
     return out
 
 
@@ -149,16 +180,16 @@ def _bench_m(name, L: _Layer, M, dev, dtype, repeats, tune_repeats, copy_GBps, d
     ref = w4a16_ref(x, L.qw, L.qz, L.sc, N)
     scale = ref.abs().max().clamp_min(1e-6)
     tried: list = []
-    best = None   # (median_s, kernel, cfg, rel_err)
+    best = None   # (median_s, kernel, cfg, rel_err, layout)
     n_groups = -(-K // GROUP)
     if gemv:
-        for cfg in _gemv_candidates(M, gpu, n_groups):
+        for lay, cfg in _gemv_candidates(M, gpu, n_groups):
             if time.time() > deadline:
                 break
-            t = _try(lambda c=cfg: w4a16_gemv(x, **L.t, config=c), ref, scale, tune_repeats, gpu,
-                     {"kernel": "gemv", "config": cfg.as_dict()}, tried)
+            t = _try(lambda c=cfg, w=L.ts[lay]: w4a16_gemv(x, **w, config=c), ref, scale, tune_repeats, gpu,
+                     {"kernel": "gemv", "layout": lay, "config": cfg.as_dict()}, tried)
             if t is not None and (best is None or t.median_s < best[0]):
-                best = (t.median_s, "gemv", cfg, tried[-1]["rel_err"])
+                best = (t.median_s, "gemv", cfg, tried[-1]["rel_err"], lay)
     if tc:
         for cfg in _tc_candidates(M, N, K, gpu):
             if time.time() > deadline:
@@ -166,71 +197,104 @@ def _bench_m(name, L: _Layer, M, dev, dtype, repeats, tune_repeats, copy_GBps, d
             t = _try(lambda c=cfg: w4a16_gemm(x, L.qw, L.qz, L.sc, N, config=c), ref, scale, tune_repeats, gpu,
                      {"kernel": "tensor_core", "config": cfg.as_dict()}, tried)
             if t is not None and (best is None or t.median_s < best[0]):
-                best = (t.median_s, "tensor_core", cfg, tried[-1]["rel_err"])
+                best = (t.median_s, "tensor_core", cfg, tried[-1]["rel_err"], "awq")
     if best is None:
         recs.append({"shape": name, "N": N, "K": K, "M": M, "provider": "w4a16", "error": "no valid config",
                      "tried": tried[:8]})
         log(f"  {name} M={M}: no valid config: {tried[:2]}")
         return None
-    _, kern, cfg, err = best
+    _, kern, cfg, err, lay = best
     if kern == "gemv":
-        fn = lambda: w4a16_gemv(x, **L.t, config=cfg)   # noqa: E731
+        fn = lambda: w4a16_gemv(x, **L.ts[lay], config=cfg)   # noqa: E731
         wb = gemv_bytes(N, K, GROUP)
     else:
         fn = lambda: w4a16_gemm(x, L.qw, L.qz, L.sc, N, config=cfg)   # noqa: E731
         wb = weight_bytes(N, K, GROUP)
     t = _time(fn, repeats, gpu)
-    rec = _rec(name, N, K, M, "w4a16", t, wb, copy_GBps, kernel=kern, config=cfg.as_dict(), rel_err=err,
-               speedup_vs_cublas=t_ref.median_s / t.median_s, n_candidates=len(tried), candidates=tried)
+    rec = _rec(name, N, K, M, "w4a16", t, wb, copy_GBps, kernel=kern, layout=lay, config=cfg.as_dict(),
+               rel_err=err, speedup_vs_cublas=t_ref.median_s / t.median_s, n_candidates=len(tried),
+               candidates=tried)
     recs.append(rec)
     msg = (f"  {name} M={M}: cuBLAS {t_ref.median_us:.1f} us, W4A16 {t.median_us:.1f} us "
            f"({t_ref.median_s / t.median_s:.2f}x; {kern}; {wb / t.median_s / 1e9:.0f} GB/s weights")
     if copy_GBps:
         msg += f" = {100 * wb / t.median_s / 1e9 / copy_GBps:.0f}% of copy"
-    log(msg + f"; {cfg})")
+    log(msg + f"; {lay} {_cfg_str(cfg)})")
+    if gemv and M == 1:
+        _log_layout_best(name, tried, log)
     if eager and gpu:
         try:
-            _extra_timings(name, L, x, M, N, K, kern, cfg, fn, wb, repeats, gpu, copy_GBps, recs, log)
+            _extra_timings(name, L, x, M, N, K, kern, cfg, fn, wb, repeats, gpu, copy_GBps, recs, log, lay,
+                           t_ref, t)
         except Exception as e:   # e.g. out of memory for the weight copies: recorded, not fatal
             recs.append({"shape": name, "M": M, "provider": "w4a16_extra",
                          "error": f"{type(e).__name__}: {str(e)[:200]}"})
     return rec
 
 
-def _extra_timings(name, L, x, M, N, K, kern, cfg, fn, wb, repeats, gpu, copy_GBps, recs, log):
-    """Back-to-back and eager timings of the chosen configuration (M = 1 plan)."""
+def _log_layout_best(name, tried, log):
+    """One line per layout: its best candidate (what the layout alone is worth)."""
+    for lay in GEMV_LAYOUTS:
+        ok = [c for c in tried if c.get("layout") == lay and "median_us" in c]
+        if ok:
+            b = min(ok, key=lambda c: c["median_us"])
+            log(f"    best {lay}-major: {b['median_us']:.2f} us {_cfg_str(GemvConfig(**b['config']))}")
+
+
+def _extra_timings(name, L, x, M, N, K, kern, cfg, fn, wb, repeats, gpu, copy_GBps, recs, log, lay="row",
+                   t_ref=None, t_one=None):
+    """Back-to-back and eager timings of the chosen configuration (M = 1 plan), and the bound a kernel
+    reading its bytes at the measured copy rate would reach in either timing."""
     # CHAIN calls back to back in one graph, each on its own copy of the weights (cold in L2):
     # the per-call time without the graph launch's fixed cost, as inside a decode step
     ws = [L.w16] + [L.w16.clone() for _ in range(CHAIN - 1)]
     tc_ref = _per_call(_time(lambda: [F.linear(x, w) for w in ws], repeats, gpu), CHAIN)
     if kern == "gemv":
-        ts = [L.t] + [{k: v.clone() for k, v in L.t.items()} for _ in range(CHAIN - 1)]
+        ts = [L.ts[lay]] + [{k: v.clone() for k, v in L.ts[lay].items()} for _ in range(CHAIN - 1)]
         t_chain = _per_call(_time(lambda: [w4a16_gemv(x, **t, config=cfg) for t in ts], repeats, gpu), CHAIN)
     else:
         ts = [(L.qw, L.qz, L.sc)] + [(L.qw.clone(), L.qz.clone(), L.sc.clone()) for _ in range(CHAIN - 1)]
         t_chain = _per_call(_time(lambda: [w4a16_gemm(x, *t, N, config=cfg) for t in ts], repeats, gpu), CHAIN)
     ws = ts = None
+    if copy_GBps and t_ref is not None:
+        floor = next((r["median_us"] for r in recs if r.get("op") == "graph_floor"), 0.0)
+        t_copy_us = wb / (copy_GBps * 1e3)               # the packed bytes at the copy rate, us
+        recs.append({"shape": name, "N": N, "K": K, "M": M, "provider": "bound", "weight_bytes": wb,
+                     "copy_rate_us": t_copy_us, "graph_floor_us": floor,
+                     "max_speedup_single": t_ref.median_us / (floor + t_copy_us),
+                     "max_speedup_chain": tc_ref.median_us / t_copy_us,
+                     "note": "speedup over this run's cuBLAS if the packed weights were read at the measured "
+                             "copy rate: single call (plus the graph floor) and back-to-back per call"})
+        log(f"  {name}: at the copy rate the packed weights take {t_copy_us:.1f} us -> at most "
+            f"{recs[-1]['max_speedup_single']:.2f}x single-call (floor {floor:.1f} us), "
+            f"{recs[-1]['max_speedup_chain']:.2f}x back-to-back")
     recs.append(_rec(name, N, K, M, "cublas_fp16_chain", tc_ref, N * K * 2, copy_GBps, chain=CHAIN))
-    recs.append(_rec(name, N, K, M, "w4a16_chain", t_chain, wb, copy_GBps, kernel=kern, config=cfg.as_dict(),
-                     chain=CHAIN, speedup_vs_cublas=tc_ref.median_s / t_chain.median_s))
+    recs.append(_rec(name, N, K, M, "w4a16_chain", t_chain, wb, copy_GBps, kernel=kern, layout=lay,
+                     config=cfg.as_dict(), chain=CHAIN, speedup_vs_cublas=tc_ref.median_s / t_chain.median_s))
     log(f"  {name} M={M} {CHAIN} back-to-back per call: cuBLAS {tc_ref.median_us:.1f} us, W4A16 "
         f"{t_chain.median_us:.1f} us ({tc_ref.median_s / t_chain.median_s:.2f}x; {wb / t_chain.median_s / 1e9:.0f} GB/s weights"
         + (f" = {100 * wb / t_chain.median_s / 1e9 / copy_GBps:.0f}% of copy)" if copy_GBps else ")"))
     te_ref = _time(lambda: F.linear(x, L.w16), repeats, gpu, graph=False)
     te = _time(fn, repeats, gpu, graph=False)
     recs.append(_rec(name, N, K, M, "cublas_fp16_eager", te_ref, N * K * 2, copy_GBps))
-    recs.append(_rec(name, N, K, M, "w4a16_eager", te, wb, copy_GBps, kernel=kern, config=cfg.as_dict(),
-                     speedup_vs_cublas=te_ref.median_s / te.median_s))
+    recs.append(_rec(name, N, K, M, "w4a16_eager", te, wb, copy_GBps, kernel=kern, layout=lay,
+                     config=cfg.as_dict(), speedup_vs_cublas=te_ref.median_s / te.median_s))
     log(f"  {name} M={M} eager (with launch): cuBLAS {te_ref.median_us:.1f} us, W4A16 {te.median_us:.1f} us")
 
 
-def _decode(dev, dtype, n_layers: int, repeats: int, best_gemv: dict, log) -> list[dict]:
-    """Decode-step time of a random-weight Llama-2-7B-shaped model, fp16 vs W4A16, CUDA graphs."""
+def _decode(dev, dtype, n_layers: int, repeats: int, best_gemv: dict, log, legacy: bool = True) -> list[dict]:
+    """Decode-step time of a random-weight Llama-2-7B-shaped model, fp16 vs W4A16, CUDA graphs.
+
+    - ``fused`` (:class:`~mlsys24.quant.qlinear.FusedDecoder`): q/k/v and gate/up concatenated, add+RMSNorm,
+      RoPE+KV write and silu*mul one kernel each, split-KV decode attention; the same kernels on both
+      sides, only the projections differ (cuBLAS fp16 vs the W4A16 GEMV with the sweep's choices).
+      Profiled by two more graphs per side: the projections alone and everything else alone.
+    - ``module`` (``legacy``): the module-by-module forward over the paged pool (``serving.DecodeGraphs``),
+      fp16 vs ``QuantLinear`` -- the path measured before the fusions.
+    """
     from ..models import random_llama
     from ..models.config import preset
-    from ..models.kv_cache import BlockAllocator, PagedKVCache
-    from ..serving.graph import DecodeGraphs
-    from .qlinear import QuantLinear, quantize_linears
+    from .qlinear import FusedDecoder
 
     gpu = dev == "cuda"
     if gpu:
@@ -241,51 +305,111 @@ def _decode(dev, dtype, n_layers: int, repeats: int, best_gemv: dict, log) -> li
                      vocab_size=256)
         ctx, bs = 32, 16
     model = random_llama(cfg, dev, dtype, seed=0)
-    n_blocks = -(-(ctx + 64) // bs) + 4
     out = []
+    configs = {nk: c for nk, (lay, c) in best_gemv.items()}
+    layouts = {nk: lay for nk, (lay, c) in best_gemv.items()}
+
+    def timed(fn_or_graph, tag):
+        if gpu:
+            t = measure(fn_or_graph.replay, warmup=3, repeats=repeats, flush_l2=False)
+        else:
+            t = measure(fn_or_graph, warmup=1, repeats=repeats, device="cpu")
+        log(f"  decode {tag}: {t.median_ms:.3f} ms/token")
+        return t
+
+    res = {}
+    logits = {}
+    for side in ("fp16", "w4a16"):
+        dec = FusedDecoder(model, max_len=ctx + 128, quantize=side == "w4a16", group_size=GROUP,
+                           gemv_configs=configs, layout=layouts)
+        with torch.no_grad():
+            logits[side] = dec.step(7, ctx).float()       # position ctx: attends to a 513-token cache
+            dec.set_inputs(7, ctx)
+            for part, kw in (("full", {}), ("linears", {"others": False}), ("others", {"linears": False})):
+                if gpu:
+                    g = dec.capture(**kw)
+                    res[(side, part)] = timed(g, f"fused {side} {part}")
+                    del g
+                else:
+                    res[(side, part)] = timed(lambda kw=kw: dec._step(**kw), f"fused {side} {part}")
+        res[(side, "bytes")] = dec.weight_bytes()
+        dec = None
+        _free(gpu)
+    agree = float(torch.nn.functional.cosine_similarity(logits["fp16"], logits["w4a16"], dim=-1).mean())
+    f16, f4 = res[("fp16", "full")], res[("w4a16", "full")]
+    rec = {"op": "decode", "provider": "decode", "path": "fused",
+           "model": "llama2-7b-shaped (random weights)", "n_layers": cfg.n_layers, "d_model": cfg.d_model,
+           "ffn_dim": cfg.ffn_dim, "batch": 1, "context": ctx, "cuda_graphs": gpu,
+           "fp16_ms": f16.median_ms, "w4a16_ms": f4.median_ms, "fp16_tok_s": 1 / f16.median_s,
+           "w4a16_tok_s": 1 / f4.median_s, "speedup": f16.median_s / f4.median_s,
+           "fp16_linears_ms": res[("fp16", "linears")].median_ms, "fp16_others_ms": res[("fp16", "others")].median_ms,
+           "w4a16_linears_ms": res[("w4a16", "linears")].median_ms,
+           "w4a16_others_ms": res[("w4a16", "others")].median_ms,
+           "fp16_weight_bytes": res[("fp16", "bytes")], "w4a16_weight_bytes": res[("w4a16", "bytes")],
+           "linears_speedup": res[("fp16", "linears")].median_s / res[("w4a16", "linears")].median_s,
+           "logits_cosine_fp16_vs_w4a16": agree,
+           "gemv_configs": {f"{n}x{k}": {"layout": lay, **c.as_dict()} for (n, k), (lay, c) in best_gemv.items()},
+           "launches_per_layer": 10,
+           "note": "FusedDecoder: one decode step (batch 1, token at position 512) replayed from a CUDA graph, "
+                   f"median of {repeats}; 'linears' = the projections + lm_head alone, 'others' = everything "
+                   "else alone (each its own graph); embeddings, norms, attention, lm_head in fp16 in both"}
+    out.append(rec)
+    log(f"decode (fused): fp16 {rec['fp16_ms']:.2f} ms, W4A16 {rec['w4a16_ms']:.2f} ms -> {rec['speedup']:.2f}x "
+        f"tokens/s; projections alone {rec['fp16_linears_ms']:.2f} vs {rec['w4a16_linears_ms']:.2f} ms "
+        f"({rec['linears_speedup']:.2f}x), rest {rec['fp16_others_ms']:.2f} / {rec['w4a16_others_ms']:.2f} ms "
+        f"(logits cosine {agree:.3f})")
+    if legacy:
+        try:
+            out.append(_decode_modules(model, cfg, dev, dtype, ctx, bs, repeats, best_gemv, log, gpu))
+        except Exception as e:   # recorded, not fatal
+            out.append({"op": "decode", "provider": "decode", "path": "module", "error": f"{type(e).__name__}: {str(e)[:300]}"})
+            log(f"decode (module path) failed: {type(e).__name__}: {str(e)[:200]}")
+    return out
+
+
+def _decode_modules(model, cfg, dev, dtype, ctx, bs, repeats, best_gemv, log, gpu) -> dict:
+    """The module-by-module decode step (``serving.DecodeGraphs`` over a paged pool), fp16 vs QuantLinear."""
+    from ..models.kv_cache import BlockAllocator, PagedKVCache
+    from ..serving.graph import DecodeGraphs
+    from .qlinear import QuantLinear, quantize_linears
+
+    n_blocks = -(-(ctx + 64) // bs) + 4
 
     def step_time(tag):
         pool = PagedKVCache(cfg.n_layers, n_blocks + 1, bs, cfg.n_kv_heads, cfg.head_dim_, dtype=dtype, device=dev,
                             allocator=BlockAllocator(n_blocks))
         seq = pool.add_sequence()
         pool.reserve(seq, ctx)
-        pool.lengths[seq] = ctx          # a 512-token context (K/V values do not change the timing)
+        pool.lengths[seq] = ctx
         graphs = DecodeGraphs(model, pool, scratch_slot=n_blocks * bs, context_bucket=256 if gpu else 16,
                               use_graphs=gpu)
         with torch.no_grad():
-            logits = graphs.run([seq], [1], [ctx]).float()
+            graphs.run([seq], [1], [ctx])
             if gpu:
                 g = next(iter(graphs._graphs.values()))[0]
                 t = measure(g.replay, warmup=3, repeats=repeats, flush_l2=False)
             else:
                 view = next(iter(graphs._views.values()))
                 t = measure(lambda: graphs._step(view), warmup=1, repeats=repeats, device="cpu")
-        log(f"  decode {tag}: {t.median_ms:.3f} ms/token ({1 / t.median_s:.0f} tok/s)")
-        return t, logits
+        log(f"  decode module path {tag}: {t.median_ms:.3f} ms/token")
+        return t
 
-    t16, l16 = step_time("fp16")
-    names = quantize_linears(model, 4, GROUP)
+    t16 = step_time("fp16")
+    quantize_linears(model, 4, GROUP)
     for _, m in model.named_modules():
         if isinstance(m, QuantLinear):
             if not gpu:
                 m.use_kernel = True
-            m.gemv_config = best_gemv.get((m.out_features, m.in_features))
-    wq = sum(m.qweight.numel() * 4 + m.scales.numel() * 4 for m in model.modules() if isinstance(m, QuantLinear))
-    t4, l4 = step_time("w4a16")
-    agree = float(torch.nn.functional.cosine_similarity(l16, l4, dim=-1).mean())
-    rec = {"op": "decode", "provider": "decode", "model": "llama2-7b-shaped (random weights)",
-           "n_layers": cfg.n_layers, "d_model": cfg.d_model, "ffn_dim": cfg.ffn_dim, "batch": 1, "context": ctx,
-           "quantized_linears": len(names), "quantized_bytes": wq, "cuda_graphs": gpu,
-           "fp16_ms": t16.median_ms, "w4a16_ms": t4.median_ms, "fp16_tok_s": 1 / t16.median_s,
-           "w4a16_tok_s": 1 / t4.median_s, "speedup": t16.median_s / t4.median_s,
-           "logits_cosine_fp16_vs_w4a16": agree,
-           "gemv_configs": {f"{n}x{k}": c.as_dict() for (n, k), c in best_gemv.items()},
-           "note": "one decode step (batch 1, 512-token context) replayed from a CUDA graph; median of "
-                   f"{repeats}; embeddings, norms, attention and lm_head in fp16 in both"}
-    out.append(rec)
-    log(f"decode: fp16 {rec['fp16_ms']:.2f} ms, W4A16 {rec['w4a16_ms']:.2f} ms -> {rec['speedup']:.2f}x tokens/s "
-        f"({cfg.n_layers} layers; logits cosine {agree:.3f})")
-    return out
+            lay_cfg = best_gemv.get((m.out_features, m.in_features))
+            m.gemv_config = lay_cfg[1] if lay_cfg else None
+    t4 = step_time("w4a16")
+    rec = {"op": "decode", "provider": "decode", "path": "module", "n_layers": cfg.n_layers, "context": ctx,
+           "cuda_graphs": gpu, "fp16_ms": t16.median_ms, "w4a16_ms": t4.median_ms,
+           "speedup": t16.median_s / t4.median_s,
+           "note": "module-by-module forward (DecodeGraphs, paged pool), separate q/k/v and gate/up projections, "
+                   "row-major GEMV layout; the path before the fusions"}
+    log(f"decode (module path): fp16 {rec['fp16_ms']:.2f} ms, W4A16 {rec['w4a16_ms']:.2f} ms -> {rec['speedup']:.2f}x")
+    return rec
 
 
 def run(args) -> str:
@@ -293,12 +417,15 @@ def run(args) -> str:
     gpu = torch.cuda.is_available()
     dev = "cuda" if gpu else "cpu"
     budget = 240.0 if not quick else 90.0
+    legacy = True
     for tok in getattr(args, "extra", []) or []:
         if tok.startswith("--budget-s="):
             budget = float(tok.split("=", 1)[1])
+        if tok == "--no-legacy-decode":
+            legacy = False
     t0 = time.time()
     deadline = t0 + budget
-    decode_reserve = 45.0 if gpu else 0.0
+    decode_reserve = 60.0 if gpu else 0.0
 
     def log(msg):
         print(f"[awq bench {time.time() - t0:6.1f}s] {msg}", flush=True)
@@ -321,42 +448,47 @@ def run(args) -> str:
         log(f"graph floor (1-element kernel): {t.median_us:.1f} us")
 
     if gpu:
-        shapes, big = dict(SHAPES), BIG
+        shapes, fused, big = dict(SHAPES), dict(FUSED), BIG
         sweep_ms = list(SWEEP_MS) if not quick else [4, 16, 64]
-        repeats, tune_repeats = (100, 15) if not quick else (30, 8)
+        repeats, tune_repeats = (100, 10) if not quick else (30, 6)
         n_layers = 32 if not quick else 4
     else:   # smoke plan: tiny shapes under the Triton interpreter
         shapes, big = {"gate_up": (64, 128), "down": (32, 256)}, ("mlp_big", (128, 128))
+        fused = {"qkv_fused": (384, 128), "gate_up_fused": (512, 128)}
         sweep_ms, repeats, tune_repeats, n_layers = [2, 16], 2, 1, 1
 
     def save(final=False):
         return save_results(SLUG, recs, headline=_headline(recs), out_dir=getattr(args, "out", None),
                             config={"quick": quick, "group_size": GROUP, "dtype": str(dtype).removeprefix("torch."),
-                                    "shapes": shapes, "big": big, "sweep_Ms": sweep_ms, "budget_s": budget,
-                                    "complete": final, "gemv_splits": GEMV_SPLITS, "cuda_graphs": gpu,
+                                    "shapes": shapes, "fused_shapes": fused, "big": big, "sweep_Ms": sweep_ms,
+                                    "budget_s": budget, "complete": final, "gemv_splits": GEMV_SPLITS,
+                                    "gemv_layouts": list(GEMV_LAYOUTS), "cuda_graphs": gpu,
                                     "l2_flush": gpu, "decode_layers": n_layers})
 
     layers = {}
     best_gemv = {}
-    # 1. M = 1: the decode shapes and the 70B layer (GEMV grid x split-K; tensor-core default as a check)
-    for name, (N, K) in list(shapes.items()) + [big]:
+    # 1. M = 1: the decode shapes, the fused decode shapes and the 70B layer (GEMV grid x split-K x layout)
+    for name, (N, K) in list(shapes.items()) + [big] + list(fused.items()):
         if time.time() > deadline - decode_reserve:
             log(f"{name}: skipped (time budget)")
             continue
         log(f"{name}: N={N} K={K}")
         L = _Layer(N, K, dev, dtype)
-        if name != big[0]:
+        if name in shapes:
             layers[name] = L
         r = _bench_m(name, L, 1, dev, dtype, repeats, tune_repeats, copy_GBps, deadline - decode_reserve, recs, log,
-                     gemv=True, tc=False, eager=True)
+                     gemv=True, tc=False, eager=name not in fused)
         if r is not None and r["kernel"] == "gemv":
-            best_gemv[(N, K)] = GemvConfig(**r["config"])
+            best_gemv[(N, K)] = (r["layout"], GemvConfig(**r["config"]))
         save()
         L = None
         _free(gpu)
     # 2. batch-1 decode, fp16 vs W4A16, CUDA graphs
     try:
-        recs.extend(_decode(dev, dtype, n_layers, 50 if gpu else 2, best_gemv, log))
+        if not gpu:
+            # the tiny smoke model's shapes
+            best_gemv.setdefault((384, 128), ("group", GemvConfig(block_n=32, unroll=1, split_k=1)))
+        recs.extend(_decode(dev, dtype, n_layers, 50 if gpu else 2, best_gemv, log, legacy=legacy))
     except Exception as e:   # out of memory or a capture failure is recorded, not fatal
         recs.append({"op": "decode", "provider": "decode", "error": f"{type(e).__name__}: {str(e)[:300]}"})
         log(f"decode failed: {type(e).__name__}: {str(e)[:300]}")
@@ -376,8 +508,33 @@ def run(args) -> str:
         recs.append(cross)
         log(f"crossover (first M where cuBLAS fp16 beats our best): {cross['crossover_M']}")
     path = save(final=True)
+    _summary(recs, log)
     log(f"wrote {path}")
     return str(path)
+
+
+def _summary(recs, log) -> None:
+    """The numbers that matter, last in the log."""
+    log("summary (M = 1; us; weight GB/s and % of copy):")
+    for r in recs:
+        if r.get("provider") == "w4a16" and r.get("M") == 1 and "median_us" in r:
+            ref = _find(recs, r["shape"], 1, "cublas_fp16")
+            ch = _find(recs, r["shape"], 1, "w4a16_chain")
+            chr_ = _find(recs, r["shape"], 1, "cublas_fp16_chain")
+            line = (f"  {r['shape']:>14} cuBLAS {ref['median_us']:6.1f} W4A16 {r['median_us']:6.1f} "
+                    f"{r['speedup_vs_cublas']:.2f}x {r['weight_GBps']:5.0f} GB/s "
+                    f"{r.get('weight_pct_copy_bw', 0):3.0f}% [{r.get('layout')} {_cfg_str(GemvConfig(**r['config']))}]")
+            if ch and chr_:
+                line += f" chain {chr_['median_us']:.1f}/{ch['median_us']:.1f} = {ch['speedup_vs_cublas']:.2f}x"
+            log(line)
+    for r in recs:
+        if r.get("op") == "decode" and "speedup" in r:
+            log(f"  decode {r.get('path')}: fp16 {r['fp16_ms']:.2f} ms, W4A16 {r['w4a16_ms']:.2f} ms = "
+                f"{r['speedup']:.2f}x" + (f" (projections {r['fp16_linears_ms']:.2f}/{r['w4a16_linears_ms']:.2f}, "
+                                          f"rest {r['fp16_others_ms']:.2f}/{r['w4a16_others_ms']:.2f} ms)"
+                                          if "fp16_linears_ms" in r else ""))
+        if r.get("op") == "crossover":
+            log(f"  crossover M: {r['crossover_M']}")
 
 
 def _free(gpu: bool) -> None:
@@ -401,6 +558,8 @@ def _crossover(recs) -> dict | None:
     for shape in sorted({r["shape"] for r in recs if r.get("provider") == "w4a16" and "median_us" in r}):
         ms = sorted({r["M"] for r in recs if r.get("shape") == shape and r.get("provider") == "w4a16"
                      and "median_us" in r})
+        if len(ms) < 2:      # M = 1 only (the 70B layer, the fused shapes): no crossover to report
+            continue
         first = None
         for M in ms:
             a, b = _find(recs, shape, M, "cublas_fp16"), _find(recs, shape, M, "w4a16")

@@ -28,6 +28,10 @@ repacking for its batch-1 kernel): K-major rows, so one output channel's weights
     scales_t  fp16  [N, Kp/G]    step s of each (output channel, group)
     zeros_t   uint8 [N, Kp/G]    zero point z:  w = (q - z) * s
 
+``gemv_repack(..., layout="group")`` stores the same words group-major (``[Kp/G, N, G/8]``, steps
+and zeros ``[Kp/G, N]``) and returns strided views with the shapes above (``qweight_t`` as
+``[N, Kp/G, G/8]``): one group of consecutive channels is then one contiguous block.
+
 Inside a group, nibble ``i`` of word ``c`` holds input channel ``g*G + (i % 4)*2W + 2c + i // 4``:
 nibbles i and i+4 (the low and high half of ``(word >> 4i) & 0x000F000F``, one LOP3 away from a
 pair of fp16 numbers) hold two *adjacent* channels, so they meet one aligned fp16 pair of x, and the
@@ -124,12 +128,28 @@ def dequantize_awq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Te
 
 
 def gemv_repack(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
-                out_features: int | None = None) -> dict[str, torch.Tensor]:
+                out_features: int | None = None, *, layout: str = "row") -> dict[str, torch.Tensor]:
     """AWQ-layout tensors -> the GEMV layout ``{"qweight_t", "scales_t", "zeros_t"}`` (module docstring).
 
     The integers are moved, not requantized. Rows past ``out_features`` (the AWQ layout's padding
-    of N to a multiple of 8) are dropped.
+    of N to a multiple of 8) are dropped. ``layout="group"`` stores the same words group-major,
+    ``[Kp/G, N, G/8]`` (and steps/zeros ``[Kp/G, N]``), and returns views with the row-major shapes
+    ``qweight_t [N, Kp/G, G/8]``, ``scales_t``/``zeros_t [N, Kp/G]``: a tile of consecutive channels
+    of one group is then one contiguous block (and its steps one contiguous row).
     """
+    if layout not in ("row", "group"):
+        raise ValueError(f"layout must be 'row' or 'group', got {layout!r}")
+    t = _gemv_repack_rows(qweight, qzeros, scales, out_features)
+    if layout == "row":
+        return t
+    N, n_groups = t["scales_t"].shape
+    qw = t["qweight_t"].reshape(N, n_groups, -1)
+    return {"qweight_t": qw.transpose(0, 1).contiguous().transpose(0, 1),
+            "scales_t": t["scales_t"].t().contiguous().t(),
+            "zeros_t": t["zeros_t"].t().contiguous().t()}
+
+
+def _gemv_repack_rows(qweight, qzeros, scales, out_features):
     q, zero, delta = awq_unpack(qweight, qzeros, scales)          # [Np, Kp] uint8, [Np, Kp/G] x2
     N = out_features or q.shape[0]
     Kp = q.shape[1]
@@ -148,6 +168,7 @@ def gemv_repack(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tenso
 
 def gemv_unpack(qweight_t: torch.Tensor, group_size: int) -> torch.Tensor:
     """Inverse of :func:`gemv_repack`'s integer permutation: ``q [N, Kp]`` uint8 in channel order."""
+    qweight_t = qweight_t.reshape(qweight_t.shape[0], -1)     # (a group-major view: copied row-major)
     N, KW = qweight_t.shape
     W = group_size // 8
     q = unpack_int4(qweight_t, "linear").reshape(N, KW * 8 // group_size, W, 2, 4)
@@ -157,6 +178,7 @@ def gemv_unpack(qweight_t: torch.Tensor, group_size: int) -> torch.Tensor:
 def dequantize_gemv(qweight_t: torch.Tensor, scales_t: torch.Tensor, zeros_t: torch.Tensor,
                     in_features: int | None = None) -> torch.Tensor:
     """The float32 weight ``[N, K]`` a GEMV-layout triple stands for: ``w = (q - z) * s``."""
+    qweight_t = qweight_t.reshape(qweight_t.shape[0], -1)
     N, KW = qweight_t.shape
     Kp = KW * 8
     n_groups = scales_t.shape[1]

@@ -34,8 +34,12 @@ instructions per weight for a 16x256x64 tile with 4 warps and dequant 2; ~22 for
 tile). Measured on an H200 (``data/results/awq``), this kernel is slower than cuBLAS fp16 at Llama-7B
 shapes for every M measured; decode-sized M goes to ``w4a16_gemv`` below instead.
 
-``w4a16_gemv`` (M = 1..8, decode) runs on the K-major layout of :func:`mlsys24.quant.pack.gemv_repack`
-with split-K combined inside the launch; see the comment block above it.
+``w4a16_gemv`` (M = 1..8, decode) runs on the K-major layouts of :func:`mlsys24.quant.pack.gemv_repack`
+(row-major, or group-major: a tile of channels of one group is one contiguous block, and its steps and
+zeros one coalesced row) with split-K combined inside the launch; see the comment block above it.
+Measured on an H200 (the same sweep, ``data/results/awq``): the group-major layout and the 4-word fp16x2
+loop took the 70B-sized layer from 51 % to 77 % of copy bandwidth (register prefetch won on two of
+the six shapes).
 
 ``w4a16_ref`` is the float32 dequantize-then-matmul reference.
 """
@@ -56,7 +60,7 @@ import triton
 import triton.language as tl
 
 __all__ = ["W4A16Config", "w4a16_gemm", "w4a16_ref", "default_config", "weight_bytes", "GemvConfig",
-           "default_gemv_config", "w4a16_gemv", "w4a16_gemv_ref"]
+           "default_gemv_config", "GEMV_TABLE_M1", "w4a16_gemv", "w4a16_gemv_ref"]
 
 
 def w4a16_ref(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
@@ -313,6 +317,14 @@ def w4a16_gemm(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, sca
 #   bits 19..22 and OR-ing
 #   in the exponent of 1.0 gives the float f_i = 1 + q_i/16 exactly, so
 #   sum_i q_i x_i = 16 * (sum_i f_i x_i - sum_i x_i): per weight a shift, two logic ops and an FMA.
+#
+# Around the inner loop (``GemvConfig``; offline SASS of the sm_90 main loop, 64 x 2-group step, 4 warps):
+# - ``quad``: the fp16x2 sums of the 4 words a thread holds (same channel and group) stay in one fp16x2
+#   register, converted, scaled and accumulated once: 364 -> 324 instructions per step;
+# - full tiles and whole steps per split (``EVEN``, chosen at launch) drop every mask: -> 286;
+# - ``prefetch``: the next step's words, steps and zeros are loaded before this step is computed
+#   (a register software pipeline): each program keeps a step of bytes in flight while it computes,
+#   which is what a latency-bound stream needs (Little's law: ~copy rate x DRAM latency in flight per SM).
 
 _HALF2_WORD = tl.constexpr("""
 {
@@ -344,6 +356,37 @@ add.f32 $0, flo, fhi;
 # (1024 + 16 q) / 16 - (64 + z) = q - z exactly (one HFMA2, no second shift).
 
 
+def _half2_quad_asm() -> str:
+    """The fp16x2 loop over 4 words of one thread (same channel, same group; ``pack=4``): the 32
+    products are summed in one fp16x2 register, converted once, scaled and added to the fp32
+    accumulator of the first word (the other three pass through). Per word ~12 instructions instead
+    of ~17 for :data:`_HALF2_WORD` (one conversion, add and FMA per 4 words instead of per word).
+    Operands (pack=4, 4 registers per argument): $0..$3 the accumulators out; $4..$7 the words;
+    $8.. (1024 + z) pairs; $12.. -(64 + z) pairs; $16, $20, $24, $28 + i: x pairs of word i;
+    $32..$35 the accumulators in; $36.. the step s."""
+    lines = ["{", ".reg .b32 t0, t1, t2, t3, sh, acc, r16;", ".reg .f16 lo, hi;", ".reg .f32 flo, fhi, sm;",
+             "mov.b32 r16, 0x2C002C00;"]
+    for i in range(4):
+        w = f"${4 + i}"
+        lines += [f"lop3.b32 t0, {w}, 0x000F000F, 0x64006400, 0xEA;",
+                  f"lop3.b32 t1, {w}, 0x00F000F0, 0x64006400, 0xEA;",
+                  f"shr.u32 sh, {w}, 8;",
+                  "lop3.b32 t2, sh, 0x000F000F, 0x64006400, 0xEA;",
+                  "lop3.b32 t3, sh, 0x00F000F0, 0x64006400, 0xEA;",
+                  "sub.f16x2 t0, t0, $8;", "fma.rn.f16x2 t1, t1, r16, $12;",
+                  "sub.f16x2 t2, t2, $8;", "fma.rn.f16x2 t3, t3, r16, $12;",
+                  (f"mul.rn.f16x2 acc, t0, ${16 + i};" if i == 0 else f"fma.rn.f16x2 acc, t0, ${16 + i}, acc;"),
+                  f"fma.rn.f16x2 acc, t1, ${20 + i}, acc;",
+                  f"fma.rn.f16x2 acc, t2, ${24 + i}, acc;",
+                  f"fma.rn.f16x2 acc, t3, ${28 + i}, acc;"]
+    lines += ["mov.b32 {lo, hi}, acc;", "cvt.f32.f16 flo, lo;", "cvt.f32.f16 fhi, hi;", "add.f32 sm, flo, fhi;",
+              "fma.rn.f32 $0, sm, $36, $32;", "mov.b32 $1, $33;", "mov.b32 $2, $34;", "mov.b32 $3, $35;", "}"]
+    return "\n".join(lines)
+
+
+_HALF2_QUAD = tl.constexpr(_half2_quad_asm())
+
+
 @dataclass(frozen=True)
 class GemvConfig:
     block_n: int = 64       # output channels (rows of qweight_t) per program
@@ -353,39 +396,80 @@ class GemvConfig:
     num_stages: int = 1
     half2: bool = False     # fp16 x on a GPU: the fp16x2 inline-assembly inner loop (else the fp32 one);
     #                         off by default until a GPU run of ``mlsys24.bench awq`` has validated and timed it
+    prefetch: bool = False  # half2, unroll 1 or 2: load the next step's weights before computing this one
+    quad: bool = False      # half2: sum 4 words (32 products) in fp16x2 before converting (G >= 32); the
+    #                         partial sums must stay below fp16's 65504: |x| * 15 * 16 < 65504, |x| < 270
 
     def as_dict(self) -> dict:
         return asdict(self)
 
 
+# The M = 1 winners of the H200 sweep (data/results/awq/h200.json, 2026-11-26 12:42 UTC, G = 128): every
+# shape chose the group-major layout and the fp16x2 4-word loop;
+# (N, K) -> (block_n, unroll, split_k, num_warps, prefetch)
+GEMV_TABLE_M1 = {
+    (11008, 4096): (64, 2, 6, 4, False),      # Llama-2-7B gate / up
+    (4096, 11008): (32, 2, 12, 4, False),     # down
+    (4096, 4096): (128, 2, 12, 8, True),      # q / k / v / o
+    (12288, 4096): (64, 2, 6, 4, False),      # [q; k; v] concatenated
+    (22016, 4096): (128, 1, 3, 8, True),      # [gate; up] concatenated
+    (28672, 8192): (64, 4, 6, 4, False),      # Llama-2-70B gate / up
+}
+
+
 def default_gemv_config(M: int, N: int, K: int, group_size: int, *, sms: int = 132) -> GemvConfig:
-    """Row tiles of 64 channels, then split-K doubled until >= 4 programs per SM (each program
-    keeping >= 4 groups), fp16x2 inner loop where it applies; the H200 sweep (``data/results/awq``)
-    chose the fp16x2 loop for every M = 1 shape and put these tiles near the best."""
+    """The sweep's choice for a measured M = 1 shape at G = 128 (``GEMV_TABLE_M1``); otherwise the
+    configuration family with the best geometric mean over those shapes in the same run (within 1 %
+    of each shape's best on average): 64-channel tiles, 4 warps, 2 groups per step, the fp16x2 4-word
+    loop, and split-K raised until ~7.5 programs per SM (the splits that family chose: ~1000 programs
+    on 132 SMs), keeping >= 4 groups per split. Best with the group-major layout
+    (``gemv_repack(..., layout="group")``), which every shape chose."""
+    if M == 1 and group_size == 128 and (N, K) in GEMV_TABLE_M1:
+        bn, u, split, w, pf = GEMV_TABLE_M1[(N, K)]
+        return GemvConfig(block_n=bn, unroll=u, split_k=split, num_warps=w, num_stages=1, half2=True, quad=True,
+                          prefetch=pf)
     bn = 64
     n_groups = -(-K // group_size)
     tiles = -(-N // bn)
-    split = 1
-    while tiles * split < 4 * sms and n_groups // (split * 2) >= 4 and split < 32:
-        split *= 2
-    return GemvConfig(block_n=bn, unroll=2, split_k=split, num_warps=4, num_stages=1, half2=True)
+    split = max(1, min(-(-int(7.5 * sms) // tiles), n_groups // 4))
+    return GemvConfig(block_n=bn, unroll=2, split_k=split, num_warps=4, num_stages=1, half2=True, quad=True)
 
 
 @triton.jit
-def _gemv_group(acc, qw_ptr, s_ptr, z_ptr, x_ptr, g, g_end, offs_n, n_mask, offs_c, offs_m, m_mask, K,
-                stride_qn, stride_sn, stride_zn, stride_xm, G: tl.constexpr, W: tl.constexpr, MB: tl.constexpr,
-                BLOCK_N: tl.constexpr, HALF2: tl.constexpr, EVEN_K: tl.constexpr):
-    # One group g of BLOCK_N rows: qw [BN, W] int32; s, z [BN]; x slices [W] (MB == 1) or [MB, W].
+def _gemv_load(qw_ptr, s_ptr, z_ptr, g, g_end, offs_n, n_mask, offs_c, stride_qn, stride_qg, stride_sn, stride_sg,
+               stride_zn, stride_zg, EVEN: tl.constexpr):
+    # group g of BLOCK_N rows: qw [BN, W] int32 words; s [BN] fp32 steps; z [BN] int32 zero points
+    # EVEN: every tile full (N % BLOCK_N == 0) and every split a whole number of UNROLL steps: no masks
+    qw_ptrs = qw_ptr + offs_n[:, None] * stride_qn + (g * stride_qg + offs_c)[None, :]
+    if EVEN:
+        qw = tl.load(qw_ptrs)
+        s = tl.load(s_ptr + offs_n * stride_sn + g * stride_sg).to(tl.float32)
+        z = tl.load(z_ptr + offs_n * stride_zn + g * stride_zg).to(tl.int32)
+    else:
+        live = g < g_end
+        qw = tl.load(qw_ptrs, mask=n_mask[:, None] & live, other=0)
+        s = tl.load(s_ptr + offs_n * stride_sn + g * stride_sg, mask=n_mask & live, other=0.0).to(tl.float32)
+        z = tl.load(z_ptr + offs_n * stride_zn + g * stride_zg, mask=n_mask & live, other=0).to(tl.int32)
+    return qw, s, z
+
+
+@triton.jit
+def _gemv_group(acc, qw, s, z, x_ptr, g, g_end, offs_c, offs_m, m_mask, K, stride_xm, G: tl.constexpr,
+                W: tl.constexpr, MB: tl.constexpr,
+                BLOCK_N: tl.constexpr, HALF2: tl.constexpr, EVEN_K: tl.constexpr, EVEN: tl.constexpr = False):
+    # One group g of BLOCK_N rows (loaded by _gemv_load): qw [BN, W]; s, z [BN]; x slices [W] (MB == 1)
+    # or [MB, W] loaded here.
     live = g < g_end
-    qw = tl.load(qw_ptr + offs_n[:, None] * stride_qn + (g * W + offs_c)[None, :],
-                 mask=n_mask[:, None] & live, other=0)
-    s = tl.load(s_ptr + offs_n * stride_sn + g, mask=n_mask & live, other=0.0).to(tl.float32)      # [BN]
-    z = tl.load(z_ptr + offs_n * stride_zn + g, mask=n_mask & live, other=0).to(tl.int32)          # [BN]
     if HALF2:
         # x as fp16 pairs (int32): pair p*W + c of the group = channels p*2W + 2c, p*2W + 2c + 1
         xi_ptr = x_ptr.to(tl.pointer_type(tl.int32))
         kp = g * (G // 2) + offs_c                                                 # [W] pair index
-        if EVEN_K:   # K a multiple of G: only whole groups, vector loads
+        if EVEN:
+            x0 = tl.load(xi_ptr + kp)
+            x1 = tl.load(xi_ptr + kp + W)
+            x2 = tl.load(xi_ptr + kp + 2 * W)
+            x3 = tl.load(xi_ptr + kp + 3 * W)
+        elif EVEN_K:   # K a multiple of G: only whole groups, vector loads
             x0 = tl.load(xi_ptr + kp, mask=live, other=0)
             x1 = tl.load(xi_ptr + kp + W, mask=live, other=0)
             x2 = tl.load(xi_ptr + kp + 2 * W, mask=live, other=0)
@@ -399,11 +483,17 @@ def _gemv_group(acc, qw_ptr, s_ptr, z_ptr, x_ptr, g, g_end, offs_n, n_mask, offs
         zz = zz | (zz << 16)
         zn = (z << 4) + 0xD400                                                     # fp16 bits of -(64 + z)
         zn = zn | (zn << 16)
-        p = tl.inline_asm_elementwise(_HALF2_WORD, "=f,r,r,r,r,r,r,r",
-                                      [qw, zz[:, None], zn[:, None], x0[None, :], x1[None, :], x2[None, :],
-                                       x3[None, :]],
-                                      dtype=tl.float32, is_pure=True, pack=1)      # [BN, W] sum (q - z) x
-        acc += s[:, None] * p
+        if HALF2 == 4:   # 4 words per asm instance, accumulated inside it (s applied there)
+            acc = tl.inline_asm_elementwise(_HALF2_QUAD, "=f,=f,=f,=f," + "r," * 28 + "f," * 7 + "f",
+                                            [qw, zz[:, None], zn[:, None], x0[None, :], x1[None, :], x2[None, :],
+                                             x3[None, :], acc, s[:, None]],
+                                            dtype=tl.float32, is_pure=True, pack=4)
+        else:
+            p = tl.inline_asm_elementwise(_HALF2_WORD, "=f,r,r,r,r,r,r,r",
+                                          [qw, zz[:, None], zn[:, None], x0[None, :], x1[None, :], x2[None, :],
+                                           x3[None, :]],
+                                          dtype=tl.float32, is_pure=True, pack=1)      # [BN, W] sum (q - z) x
+            acc += s[:, None] * p
     else:
         s16 = 16.0 * s
         zsm = -(z.to(tl.float32) + 16.0) * s                                      # -z s - 16 s
@@ -443,11 +533,12 @@ def _gemv_group(acc, qw_ptr, s_ptr, z_ptr, x_ptr, g, g_end, offs_n, n_mask, offs
     return acc
 
 
-@triton.jit(do_not_specialize=["M", "n_groups", "groups_per_split", "SPLIT", "stride_sn", "stride_zn"])
+@triton.jit(do_not_specialize=["M", "n_groups", "groups_per_split", "SPLIT"])
 def _w4a16_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, part_ptr, cnt_ptr, M, N, K, n_groups, groups_per_split,
-                       SPLIT, stride_xm, stride_ym, stride_qn, stride_sn, stride_zn,
+                       SPLIT, stride_xm, stride_ym, stride_qn, stride_qg, stride_sn, stride_sg, stride_zn, stride_zg,
                        G: tl.constexpr, BLOCK_N: tl.constexpr, UNROLL: tl.constexpr, MB: tl.constexpr,
-                       USE_SPLIT: tl.constexpr, HALF2: tl.constexpr, EVEN_K: tl.constexpr, M_FAST: tl.constexpr):
+                       USE_SPLIT: tl.constexpr, HALF2: tl.constexpr, EVEN_K: tl.constexpr, M_FAST: tl.constexpr,
+                       EVEN: tl.constexpr = False, PREFETCH: tl.constexpr = False):
     # grid (row tiles, splits, row blocks), or with M_FAST (rows, row tiles, splits): the programs of
     # one weight tile for the M rows then run together and share it through L2
     W: tl.constexpr = G // 8
@@ -473,11 +564,37 @@ def _w4a16_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, part_ptr, cnt_ptr, M,
         acc = tl.zeros((MB, BLOCK_N, W), dtype=tl.float32)
     g0 = pid_k * groups_per_split
     g1 = tl.minimum(g0 + groups_per_split, n_groups)
-    for g in range(g0, g1, UNROLL):
-        for u in tl.static_range(UNROLL):
-            acc = _gemv_group(acc, qw_ptr, s_ptr, z_ptr, x_row, g + u, g1, offs_n, n_mask, offs_c,
-                              offs_m - pid_m * MB, m_mask, K, stride_qn, stride_sn, stride_zn, stride_xm, G, W, MB,
-                              BLOCK_N, HALF2, EVEN_K)
+    if PREFETCH:
+        # software pipeline in registers: the weights of step i + 1 are requested before step i is
+        # computed, so every program keeps a step's bytes in flight while it computes (past the
+        # last step the last group is loaded again: in bounds, no masks, never used)
+        qa, sa, za = _gemv_load(qw_ptr, s_ptr, z_ptr, g0, g1, offs_n, n_mask, offs_c, stride_qn, stride_qg,
+                                stride_sn, stride_sg, stride_zn, stride_zg, EVEN)
+        if UNROLL == 2:
+            qb, sb, zb = _gemv_load(qw_ptr, s_ptr, z_ptr, tl.minimum(g0 + 1, g1 - 1), g1, offs_n, n_mask, offs_c,
+                                    stride_qn, stride_qg, stride_sn, stride_sg, stride_zn, stride_zg, EVEN)
+        for g in range(g0, g1, UNROLL):
+            gn = tl.minimum(g + UNROLL, g1 - 1)
+            qa2, sa2, za2 = _gemv_load(qw_ptr, s_ptr, z_ptr, gn, g1, offs_n, n_mask, offs_c, stride_qn, stride_qg,
+                                       stride_sn, stride_sg, stride_zn, stride_zg, EVEN)
+            if UNROLL == 2:
+                qb2, sb2, zb2 = _gemv_load(qw_ptr, s_ptr, z_ptr, tl.minimum(gn + 1, g1 - 1), g1, offs_n, n_mask,
+                                           offs_c, stride_qn, stride_qg, stride_sn, stride_sg, stride_zn, stride_zg,
+                                           EVEN)
+            acc = _gemv_group(acc, qa, sa, za, x_row, g, g1, offs_c, offs_m - pid_m * MB, m_mask, K, stride_xm,
+                              G, W, MB, BLOCK_N, HALF2, EVEN_K, EVEN)
+            if UNROLL == 2:
+                acc = _gemv_group(acc, qb, sb, zb, x_row, g + 1, g1, offs_c, offs_m - pid_m * MB, m_mask, K,
+                                  stride_xm, G, W, MB, BLOCK_N, HALF2, EVEN_K, EVEN)
+                qb, sb, zb = qb2, sb2, zb2
+            qa, sa, za = qa2, sa2, za2
+    else:
+        for g in range(g0, g1, UNROLL):
+            for u in tl.static_range(UNROLL):
+                qw, s, z = _gemv_load(qw_ptr, s_ptr, z_ptr, g + u, g1, offs_n, n_mask, offs_c, stride_qn, stride_qg,
+                                      stride_sn, stride_sg, stride_zn, stride_zg, EVEN)
+                acc = _gemv_group(acc, qw, s, z, x_row, g + u, g1, offs_c, offs_m - pid_m * MB, m_mask, K,
+                                  stride_xm, G, W, MB, BLOCK_N, HALF2, EVEN_K, EVEN)
     if MB == 1:
         y = tl.sum(acc, axis=1)                                                   # [BN]
         y_ptrs = y_ptr + pid_m * stride_ym + offs_n
@@ -533,8 +650,10 @@ def _interpreting() -> bool:
 def w4a16_gemv(x: torch.Tensor, qweight_t: torch.Tensor, scales_t: torch.Tensor, zeros_t: torch.Tensor, *,
                bias: torch.Tensor | None = None, config: GemvConfig | None = None,
                out: torch.Tensor | None = None) -> torch.Tensor:
-    """``x [..., K] @ W^T -> [..., N]`` for few rows (decode), W in the GEMV layout of
-    :func:`mlsys24.quant.pack.gemv_repack` (``qweight_t [N, Kp/8]``, ``scales_t``/``zeros_t [N, Kp/G]``).
+    """``x [..., K] @ W^T -> [..., N]`` for few rows (decode), W in a GEMV layout of
+    :func:`mlsys24.quant.pack.gemv_repack`: ``qweight_t [N, Kp/8]`` (row-major: one channel's words
+    contiguous) or ``[N, Kp/G, G/8]`` (any strides with the last one 1, e.g. the group-major view, where
+    one group of consecutive channels is contiguous); ``scales_t``/``zeros_t [N, Kp/G]`` with any strides.
 
     Rows of x are processed up to 8 at a time by one program (each weight tile is read once for
     them); split-K partial sums are combined inside the launch (no zero-fill, no extra kernel). The
@@ -542,17 +661,21 @@ def w4a16_gemv(x: torch.Tensor, qweight_t: torch.Tensor, scales_t: torch.Tensor,
     """
     if x.dtype not in _TL_DTYPES:
         raise TypeError(f"x must be fp16, bf16 or fp32, got {x.dtype}")
-    N, KW = qweight_t.shape
     n_groups = scales_t.shape[1]
+    N = qweight_t.shape[0]
+    KW = qweight_t.shape[1] * (qweight_t.shape[2] if qweight_t.dim() == 3 else 1)
     Kp = KW * 8
-    if Kp % n_groups or scales_t.shape != (N, n_groups) or zeros_t.shape != (N, n_groups):
+    if (qweight_t.dim() not in (2, 3) or Kp % n_groups or scales_t.shape != (N, n_groups)
+            or zeros_t.shape != (N, n_groups) or (qweight_t.dim() == 3 and qweight_t.shape[1] != n_groups)):
         raise ValueError(f"shapes do not match: qweight_t {tuple(qweight_t.shape)}, scales_t "
                          f"{tuple(scales_t.shape)}, zeros_t {tuple(zeros_t.shape)}")
     G = Kp // n_groups
     if G % 8 or (G // 8) & (G // 8 - 1):
         raise ValueError(f"group size {G}: G/8 must be a power of two")
-    if any(t.stride(1) != 1 and t.shape[1] > 1 for t in (qweight_t, scales_t, zeros_t)):
-        raise ValueError("qweight_t, scales_t and zeros_t must be contiguous along their last dimension")
+    if qweight_t.stride(-1) != 1 and qweight_t.shape[-1] > 1:
+        raise ValueError("qweight_t must be contiguous along its last dimension")
+    # word c of group g of channel n sits at n * stride_qn + g * stride_qg + c
+    stride_qg = qweight_t.stride(1) if qweight_t.dim() == 3 else G // 8
     lead = x.shape[:-1]
     K = x.shape[-1]
     if K > Kp:
@@ -568,6 +691,10 @@ def w4a16_gemv(x: torch.Tensor, qweight_t: torch.Tensor, scales_t: torch.Tensor,
     split = -(-n_groups // per)
     half2 = (cfg.half2 and M <= 8 and x.dtype == torch.float16 and x.is_cuda and not _interpreting()
              and K % 2 == 0 and x2.stride(0) % 2 == 0 and x2.data_ptr() % 4 == 0)
+    # quad needs each thread's 4 consecutive words to be one channel's (16-byte vector loads): strides in
+    # words that Triton knows to be multiples of 16 (it specialises such integer arguments) and W >= 4
+    quad = cfg.quad and G // 8 >= 4 and qweight_t.stride(0) % 16 == 0 and stride_qg % 16 == 0
+    h2_mode = (4 if quad else 1) if half2 else 0
     # fp32 loop: up to 8 rows per program (weights unpacked once for them); half2 loop: one row per
     # program, the rows of one tile launched next to each other
     MB = 1 if (M == 1 or half2) else min(8, 1 << (M - 1).bit_length())
@@ -581,9 +708,12 @@ def w4a16_gemv(x: torch.Tensor, qweight_t: torch.Tensor, scales_t: torch.Tensor,
         cnt = part = y   # unused
     _w4a16_gemv_kernel[grid](
         x2, qweight_t, scales_t, zeros_t, y, part, cnt, M, N, K, n_groups, per, split,
-        x2.stride(0), y.stride(0), qweight_t.stride(0), scales_t.stride(0), zeros_t.stride(0),
-        G=G, BLOCK_N=cfg.block_n, UNROLL=cfg.unroll, MB=MB, USE_SPLIT=split > 1, HALF2=half2,
+        x2.stride(0), y.stride(0), qweight_t.stride(0), stride_qg, scales_t.stride(0), scales_t.stride(1),
+        zeros_t.stride(0), zeros_t.stride(1),
+        G=G, BLOCK_N=cfg.block_n, UNROLL=cfg.unroll, MB=MB, USE_SPLIT=split > 1, HALF2=h2_mode,
         EVEN_K=K % G == 0, M_FAST=half2,
+        EVEN=K % G == 0 and N % cfg.block_n == 0 and split * per == n_groups,
+        PREFETCH=cfg.prefetch and cfg.unroll <= 2,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if bias is not None:
@@ -598,3 +728,65 @@ def w4a16_gemv_ref(x: torch.Tensor, qweight_t: torch.Tensor, scales_t: torch.Ten
 
     w = dequantize_gemv(qweight_t, scales_t, zeros_t, x.shape[-1])
     return x.float() @ w.t().to(x.device)
+
+
+# ------------------------------------------------------------------------------------------------
+# Decode-step kernels of :class:`mlsys24.quant.qlinear.FusedDecoder` (one launch each per layer)
+# ------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _add_rmsnorm_kernel(h_ptr, d_ptr, w_ptr, out_ptr, D, eps, HAS_ADD: tl.constexpr, BLOCK: tl.constexpr):
+    # h [D] (updated in place: h += d), out [D] = w * rmsnorm(h), one program per row
+    row = tl.program_id(0)
+    offs = tl.arange(0, BLOCK)
+    mask = offs < D
+    h = tl.load(h_ptr + row * D + offs, mask=mask, other=0.0)
+    if HAS_ADD:
+        h = (h.to(tl.float32) + tl.load(d_ptr + row * D + offs, mask=mask, other=0.0).to(tl.float32)).to(h.dtype)
+        tl.store(h_ptr + row * D + offs, h, mask=mask)
+    xf = h.to(tl.float32)
+    r = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=0) / D + eps)
+    w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    y = (xf * r).to(h.dtype).to(tl.float32) * w
+    tl.store(out_ptr + row * D + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _rope_kv_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, q_ptr, k_ptr, v_ptr, H, HKV, stride_ct, stride_ch,
+                    HALF: tl.constexpr):
+    # qkv [H*D + 2*HKV*D]; program i < H: rotate query head i into q [H, D]; else rotate key head
+    # j = i - H into k_cache[pos, j] and copy value head j into v_cache[pos, j] (rotate-half RoPE)
+    i = tl.program_id(0)
+    D: tl.constexpr = 2 * HALF
+    offs = tl.arange(0, HALF)
+    pos = tl.load(pos_ptr)
+    c = tl.load(cos_ptr + pos * HALF + offs)
+    s = tl.load(sin_ptr + pos * HALF + offs)
+    x1 = tl.load(qkv_ptr + i * D + offs).to(tl.float32)
+    x2 = tl.load(qkv_ptr + i * D + HALF + offs).to(tl.float32)
+    y1 = x1 * c - x2 * s
+    y2 = x2 * c + x1 * s
+    if i < H:
+        tl.store(q_ptr + i * D + offs, y1.to(q_ptr.dtype.element_ty))
+        tl.store(q_ptr + i * D + HALF + offs, y2.to(q_ptr.dtype.element_ty))
+    else:
+        j = i - H
+        dst = pos * stride_ct + j * stride_ch
+        tl.store(k_ptr + dst + offs, y1.to(k_ptr.dtype.element_ty))
+        tl.store(k_ptr + dst + HALF + offs, y2.to(k_ptr.dtype.element_ty))
+        v_src = qkv_ptr + (H + HKV) * D + j * D
+        tl.store(v_ptr + dst + offs, tl.load(v_src + offs))
+        tl.store(v_ptr + dst + HALF + offs, tl.load(v_src + HALF + offs))
+
+
+@triton.jit
+def _silu_mul_kernel(gu_ptr, out_ptr, F, BLOCK: tl.constexpr):
+    # gu [2F] = [gate; up] -> out [F] = silu(gate) * up (silu rounded to the dtype first, as F.silu)
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < F
+    g = tl.load(gu_ptr + offs, mask=mask, other=0.0)
+    u = tl.load(gu_ptr + F + offs, mask=mask, other=0.0).to(tl.float32)
+    gf = g.to(tl.float32)
+    sg = (gf / (1.0 + tl.exp(-gf))).to(g.dtype).to(tl.float32)
+    tl.store(out_ptr + offs, (sg * u).to(out_ptr.dtype.element_ty), mask=mask)
