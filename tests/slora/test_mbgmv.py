@@ -12,6 +12,9 @@ from mlsys24.slora.mbgmv import (
     lora_pool_torch,
     make_tables,
     mbgmm_ref,
+    mbgmv_expand,
+    mbgmv_shrink,
+    mbgmv_split,
 )
 
 TOL = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 6e-2}  # fp16/bf16: inputs rounded to 10/7 bits
@@ -57,6 +60,34 @@ def test_mbgmv_matches_reference(dtype, H, ranks):
         ref = mbgmm_ref(x, wa, wb, t, proj=proj)
         out = lora_mbgmv(x, wa, wb, t, proj=proj)
         torch.testing.assert_close(out.float(), ref, atol=TOL[dtype], rtol=TOL[dtype])
+
+
+@pytest.mark.parametrize("split_k", [2, 3, 5, 8, 50])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_mbgmv_split_k_matches_reference(split_k, dtype):
+    # K = 127 in tiles of 16: 8 tiles, split into uneven slices (the last one ragged); more splits than
+    # tiles are clamped; partial sums meet in v through atomics
+    H, ranks = 127, [32, 8, 1, 16]
+    x, wa, wb, t = _pool_batch(H, ranks, [1] * len(ranks), dtype, seed=5)
+    for proj in (1, 2):
+        ref = mbgmm_ref(x, wa, wb, t, proj=proj)
+        v = mbgmv_shrink(x, wa, t, proj, block_k=16, split_k=split_k)
+        v1 = mbgmv_shrink(x, wa, t, proj, block_k=16, split_k=1)
+        torch.testing.assert_close(v, v1, atol=1e-4, rtol=1e-4)
+        out = mbgmv_expand(torch.zeros(len(ranks), H, dtype=dtype), v, wb, t, proj)
+        torch.testing.assert_close(out.float(), ref, atol=TOL[dtype], rtol=TOL[dtype])
+    with pytest.raises(ValueError, match="split_k"):
+        mbgmv_shrink(x, wa, t, 0, split_k=0)
+
+
+def test_mbgmv_split_choice():
+    dev = torch.device("cpu")                                   # 4 "SMs" off the GPU
+    assert mbgmv_split(128, 4, 16, dev, programs_per_sm=0) == 1  # 0: no split
+    assert mbgmv_split(2, 1, 16, dev, programs_per_sm=16) == 16  # few programs: up to one tile each
+    assert mbgmv_split(2, 1, 3, dev, programs_per_sm=16) == 3    # never more than the K tiles
+    assert mbgmv_split(64, 4, 16, dev, programs_per_sm=16) == 1  # already enough programs
+    with pytest.raises(ValueError, match="programs_per_sm"):
+        mbgmv_split(8, 1, 16, dev, programs_per_sm=-1)
 
 
 def test_noncontiguous_pool_and_empty_batch():

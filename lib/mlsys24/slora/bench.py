@@ -105,6 +105,9 @@ def _step_stats(eng) -> dict:
     return out
 
 
+MBGMV_PPS_SWEEP = (0, 4, 8, 16, 32)   # MBGMV shrink: programs per SM aimed at by its split-K (0: none)
+
+
 def lora_kernel_timing(H: int, L: int, ranks: list[int], dev, dtype, *, graph: bool = True, repeats: int = 50,
                        seed: int = 0) -> list[dict]:
     """Device time of one decode step's LoRA work (q, k, v, o of ``L`` layers) for a batch of requests
@@ -154,6 +157,21 @@ def lora_kernel_timing(H: int, L: int, ranks: list[int], dev, dtype, *, graph: b
 
     el = torch.finfo(dtype).bits // 8
     out = []
+    # MBGMV shrink split-K: each choice of programs per SM timed on this step; the fastest becomes the
+    # module default for the rest of the run (the serving runs' decode graphs are captured after this)
+    from . import mbgmv as mb
+
+    sweep = {}
+    for pps in (MBGMV_PPS_SWEEP if graph else (mb.MBGMV_PROGRAMS_PER_SM,)):
+        mb.MBGMV_PROGRAMS_PER_SM = pps
+        y_s = lora_mbgmv(x, wa[0], wb[0], t, 0)
+        sweep[pps] = (measure_graphed(step_mbgmv, graph=graph, repeats=repeats, device=dev).median_us,
+                      float((y_s.float() - y_m.float()).abs().max()))
+    mb.MBGMV_PROGRAMS_PER_SM = min(sweep, key=lambda k: sweep[k][0])
+    out.append({"kind": "lora_kernel_sweep", "method": "mbgmv", "param": "MBGMV_PROGRAMS_PER_SM",
+                "step_us": {str(k): v[0] for k, v in sweep.items()},
+                "max_abs_diff_vs_no_split": {str(k): v[1] for k, v in sweep.items()},
+                "chosen": mb.MBGMV_PROGRAMS_PER_SM})
     for name, fn, elems in (("mbgmv", step_mbgmv, 8 * H * int(rk.sum())), ("bmm", step_bmm, 8 * H * R * B)):
         tm = measure_graphed(fn, graph=graph, repeats=repeats, device=dev)
         out.append({"kind": "lora_kernel", "method": name, "batch": B, "ranks": [int(r) for r in ranks],
@@ -161,7 +179,8 @@ def lora_kernel_timing(H: int, L: int, ranks: list[int], dev, dtype, *, graph: b
                     "per_layer_us": tm.median_us / L, "weight_bytes_per_layer": elems * el,
                     "weight_bytes_step": elems * el * L,
                     "GBps_weights": elems * el * L / tm.median_s / 1e9, "graph": bool(graph and dev != "cpu"),
-                    "max_abs_diff_vs_other": err})
+                    "max_abs_diff_vs_other": err,
+                    **({"programs_per_sm": mb.MBGMV_PROGRAMS_PER_SM} if name == "mbgmv" else {})})
     return out
 
 
@@ -321,6 +340,10 @@ def run(args) -> Path:
         cleanup()
     for rec in ktimes:
         records.append(rec)
+        if rec["kind"] == "lora_kernel_sweep":
+            log("MBGMV split-K sweep (programs/SM: step us): "
+                + ", ".join(f"{k}: {v:.0f}" for k, v in rec["step_us"].items()) + f" -> {rec['chosen']}")
+            continue
         log(f"LoRA step ({rec['method']}, {rec['batch']} rows, {rec['layers']} layers): {rec['step_us']:.0f} us, "
             f"{rec['weight_bytes_step'] / 2**20:.0f} MiB of adapter rows ({rec['GBps_weights']:.0f} GB/s)")
     if warm_s > 0:   # one unmeasured serving window: prefill shapes, allocator growth, cuBLAS heuristics

@@ -18,8 +18,9 @@ ranks below 16 compute on zero-padded lanes but *load* only their ``r`` rows).
 - **MBGMM** (:func:`lora_mbgmm`): one program per (request segment, tile of ``BLOCK_M`` tokens) for
   the shrink, plus an output-column tile for the expand; ``tl.dot`` on tensor cores.
 - **MBGMV** (:func:`lora_mbgmv`): one token per request (decode); one program per (request, block of
-  rank rows) for the shrink — a block past the request's rank exits at once (the paper's grid is
-  (max rank, batch)) — and per (request, column tile) for the expand; no tensor cores.
+  rank rows, K slice) for the shrink — a block past the request's rank exits at once (the paper's grid
+  is (max rank, batch)); the K slices (split-K, fp32 atomics) keep enough programs in flight at small
+  batches (:func:`mbgmv_split`) — and per (request, column tile) for the expand; no tensor cores.
 
 Tables (:class:`PoolTables`, built once per forward, shared by every layer): per segment the first
 token row ``seg_start``, ``seg_len``, ``seg_astart`` (offset into ``a_loc``), ``seg_rank``,
@@ -46,7 +47,7 @@ import triton.language as tl
 from mlsys24.kernels import no_overflow_checks as _launch  # also: the CPU interpreter fixes (no-op on GPU)
 
 __all__ = ["PoolTables", "make_tables", "lora_mbgmm", "lora_mbgmv", "mbgmm_shrink", "mbgmm_expand",
-           "mbgmv_shrink", "mbgmv_expand", "lora_pool_torch", "lora_padded_bmm", "lora_padded_bmm_rows",
+           "mbgmv_shrink", "mbgmv_expand", "mbgmv_split", "lora_pool_torch", "lora_padded_bmm", "lora_padded_bmm_rows",
            "mbgmm_ref", "gathered_elements"]
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -174,13 +175,17 @@ def _mbgmm_expand_kernel(v_ptr, wb_ptr, y_ptr, table_ptr, scale_ptr, n_seg, N, p
         tl.store(out, (yv.to(tl.float32) + acc).to(yv.dtype), mask=mask)
 
 
-@triton.jit(do_not_specialize=["n_seg", "K", "proj"])
-def _mbgmv_shrink_kernel(x_ptr, wa_ptr, v_ptr, table_ptr, n_seg, K, proj,
+@triton.jit(do_not_specialize=["n_seg", "K", "proj", "k_per_split"])
+def _mbgmv_shrink_kernel(x_ptr, wa_ptr, v_ptr, table_ptr, n_seg, K, proj, k_per_split,
                          stride_xm, stride_xk, stride_ws, stride_wk, stride_vm, stride_vr,
-                         BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr):
-    """v[token, j-block] = wa[rows j-block] @ x[token]   (one token per request; j >= rank exits)."""
+                         BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, ATOMIC: tl.constexpr):
+    """v[token, j-block] (+)= wa[rows j-block, K-slice] @ x[token, K-slice]   (one token per request;
+    j >= rank exits). Split-K: program_id(2) takes ``k_per_split`` columns of K and adds its partial
+    sums into the zero-filled ``v`` with fp32 atomics (``ATOMIC``), so a decode batch of a few dozen
+    requests still puts enough programs in flight to stream the adapter rows at memory speed."""
     seg = tl.program_id(0)
     jb = tl.program_id(1)
+    k_lo = tl.program_id(2) * k_per_split
     rank = tl.load(table_ptr + 3 * n_seg + seg)
     if jb * BLOCK_J < rank:
         row = tl.load(table_ptr + seg).to(tl.int64)
@@ -189,14 +194,18 @@ def _mbgmv_shrink_kernel(x_ptr, wa_ptr, v_ptr, table_ptr, n_seg, K, proj,
         j_mask = offs_j < rank
         slots = tl.load(table_ptr + 4 * n_seg + astart + rank * proj + offs_j, mask=j_mask, other=0).to(tl.int64)
         acc = tl.zeros([BLOCK_J], dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
+        k_hi = tl.minimum(k_lo + k_per_split, K)
+        for k0 in range(k_lo, k_hi, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
-            k_mask = offs_k < K
+            k_mask = offs_k < k_hi
             xk = tl.load(x_ptr + row * stride_xm + offs_k * stride_xk, mask=k_mask, other=0.0).to(tl.float32)
             wt = tl.load(wa_ptr + slots[:, None] * stride_ws + offs_k[None, :] * stride_wk,
                          mask=j_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)  # [BLOCK_J, BLOCK_K]
             acc += tl.sum(wt * xk[None, :], axis=1)
-        tl.store(v_ptr + row * stride_vm + offs_j * stride_vr, acc, mask=j_mask)
+        if ATOMIC:
+            tl.atomic_add(v_ptr + row * stride_vm + offs_j * stride_vr, acc, mask=j_mask)
+        else:
+            tl.store(v_ptr + row * stride_vm + offs_j * stride_vr, acc, mask=j_mask)
 
 
 @triton.jit(do_not_specialize=["n_seg", "N", "proj"])
@@ -276,8 +285,35 @@ def mbgmm_expand(y: torch.Tensor, v: torch.Tensor, wb: torch.Tensor, t: PoolTabl
     return y
 
 
+# MBGMV shrink split-K: programs per SM aimed at (0: no split). The GPU bench measures the choices and
+# sets this before its serving runs (the value it used is recorded in its results).
+MBGMV_PROGRAMS_PER_SM = 16
+_SMS: dict = {}
+
+
+def _num_sms(device) -> int:
+    if device.type != "cuda":
+        return 4
+    if device.index not in _SMS:
+        _SMS[device.index] = torch.cuda.get_device_properties(device).multi_processor_count
+    return _SMS[device.index]
+
+
+def mbgmv_split(n_seg: int, block_rows: int, k_tiles: int, device, programs_per_sm: int | None = None) -> int:
+    """K splits of the MBGMV shrink: enough (request, rank-block) programs to reach ``programs_per_sm``
+    per SM, at most one BLOCK_K tile each. Depends only on the batch size and the largest rank (not on
+    each request's rank), so it is fixed inside a captured decode graph."""
+    pps = MBGMV_PROGRAMS_PER_SM if programs_per_sm is None else programs_per_sm
+    if pps < 0:
+        raise ValueError(f"programs_per_sm must be >= 0, got {pps}")
+    if pps == 0 or n_seg == 0:
+        return 1
+    want = pps * _num_sms(device)
+    return max(1, min(k_tiles, -(-want // (n_seg * block_rows))))
+
+
 def mbgmv_shrink(x: torch.Tensor, wa: torch.Tensor, t: PoolTables, proj: int, *, block_j: int = 16,
-                 block_k: int | None = None) -> torch.Tensor:
+                 block_k: int | None = None, split_k: int | None = None) -> torch.Tensor:
     _check(x, wa, t)
     if t.n_seg and t.max_len != 1:
         raise ValueError("MBGMV takes one token per request (use MBGMM for prefill)")
@@ -287,11 +323,19 @@ def mbgmv_shrink(x: torch.Tensor, wa: torch.Tensor, t: PoolTables, proj: int, *,
         return v
     K = x.shape[1]
     block_k = min(_pow2(K), block_k or (128 if INTERPRET else 256))
-    grid = (t.n_seg, triton.cdiv(R, block_j))
+    k_tiles = triton.cdiv(K, block_k)
+    if split_k is None:
+        split_k = mbgmv_split(t.n_seg, triton.cdiv(R, block_j), k_tiles, x.device)
+    if split_k < 1:
+        raise ValueError(f"split_k must be >= 1, got {split_k}")
+    split_k = min(split_k, k_tiles)
+    k_per_split = triton.cdiv(k_tiles, split_k) * block_k
+    split_k = triton.cdiv(K, k_per_split)
+    grid = (t.n_seg, triton.cdiv(R, block_j), split_k)
     with _launch():
-        _mbgmv_shrink_kernel[grid](x, wa, v, t.table, t.n_seg, K, proj, x.stride(0), x.stride(1),
+        _mbgmv_shrink_kernel[grid](x, wa, v, t.table, t.n_seg, K, proj, k_per_split, x.stride(0), x.stride(1),
                                    wa.stride(0), wa.stride(1), v.stride(0), v.stride(1),
-                                   BLOCK_J=block_j, BLOCK_K=block_k)
+                                   BLOCK_J=block_j, BLOCK_K=block_k, ATOMIC=split_k > 1)
     return v
 
 
