@@ -3,20 +3,7 @@
 import pytest
 import torch
 
-from mlsys24.models import LlamaConfig, random_llama
-from mlsys24.serving.lora import random_adapter
 from mlsys24.slora import MergedServer, SLoRAEngine, merge_adapter, serve, slora_trace
-from mlsys24.slora.engine import ATTN_TARGETS
-
-CFG = LlamaConfig(vocab_size=64, d_model=64, n_layers=2, n_heads=2, n_kv_heads=2, ffn_dim=128, max_seq_len=128)
-
-
-@pytest.fixture(scope="module")
-def setup():
-    torch.manual_seed(0)
-    model = random_llama(CFG, "cpu", torch.float32, seed=0)
-    ads = {a: random_adapter(model, [2, 4, 8][a % 3], seed=a, targets=ATTN_TARGETS, std=0.2) for a in range(5)}
-    return model, ads
 
 
 def _teacher_forced_err(model, ads, eng) -> float:
@@ -35,7 +22,7 @@ def _teacher_forced_err(model, ads, eng) -> float:
 def test_slora_logits_equal_merged_weights(setup, use_triton):
     model, ads = setup
     n_req = 12 if not use_triton else 4
-    reqs = slora_trace(n_req, 5, len_range=(3, 9), vocab=CFG.vocab_size, seed=3)
+    reqs = slora_trace(n_req, 5, len_range=(3, 9), vocab=model.cfg.vocab_size, seed=3)
     eng = SLoRAEngine(model, "slora", pool_slots=400, max_batch_size=8, record_logits=True, use_triton=use_triton)
     eng.add_adapters(ads)
     res = serve(eng, reqs)
@@ -49,7 +36,7 @@ def test_slora_logits_equal_merged_weights(setup, use_triton):
 @pytest.mark.parametrize("system", ["slora", "no_unify", "bmm", "peft"])
 def test_every_system_serves_everything_under_memory_pressure(setup, system):
     model, ads = setup
-    reqs = slora_trace(16, 5, len_range=(4, 12), vocab=CFG.vocab_size, seed=5)
+    reqs = slora_trace(16, 5, len_range=(4, 12), vocab=model.cfg.vocab_size, seed=5)
     # 150 slots: the five adapters (8..32 slots each) and the KV of all requests cannot all be resident
     eng = SLoRAEngine(model, system, pool_slots=150, adapter_region=64, max_batch_size=8)
     eng.add_adapters(ads)
@@ -65,7 +52,7 @@ def test_every_system_serves_everything_under_memory_pressure(setup, system):
 
 def test_peft_batches_hold_one_adapter(setup):
     model, ads = setup
-    reqs = slora_trace(10, 5, len_range=(3, 6), vocab=CFG.vocab_size, seed=9)
+    reqs = slora_trace(10, 5, len_range=(3, 6), vocab=model.cfg.vocab_size, seed=9)
     eng = SLoRAEngine(model, "peft", pool_slots=300, adapter_region=64, max_batch_size=8)
     eng.add_adapters(ads)
     seen = []
@@ -83,7 +70,7 @@ def test_peft_batches_hold_one_adapter(setup):
 
 def test_merged_copies_run_or_oom(setup):
     model, ads = setup
-    reqs = slora_trace(6, 2, len_range=(3, 6), vocab=CFG.vocab_size, seed=1)
+    reqs = slora_trace(6, 2, len_range=(3, 6), vocab=model.cfg.vocab_size, seed=1)
     small = {a: ads[a] for a in (0, 1)}
     ok = MergedServer(model, small, budget_bytes=10**9, pool_slots=200)
     assert serve(ok, reqs)["finished"] == 6
@@ -102,7 +89,7 @@ def test_slora_with_paged_decode_attention_and_vllm_policy(setup):
     model = copy.deepcopy(model)
     backend = PagedDecodeAttention("sync")
     model.set_attention_backend(backend)
-    reqs = slora_trace(3, 5, len_range=(3, 6), vocab=CFG.vocab_size, seed=4)
+    reqs = slora_trace(3, 5, len_range=(3, 6), vocab=model.cfg.vocab_size, seed=4)
     eng = SLoRAEngine(model, "slora", pool_slots=400, max_batch_size=8, record_logits=True, use_triton=True,
                       policy="vllm")
     eng.add_adapters(ads)

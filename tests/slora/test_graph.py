@@ -5,25 +5,12 @@ and start while others decode."""
 import pytest
 import torch
 
-from mlsys24.models import LlamaConfig, random_llama
-from mlsys24.serving.lora import random_adapter
 from mlsys24.slora import SLoRAEngine, serve, slora_trace
-from mlsys24.slora.engine import ATTN_TARGETS
 from mlsys24.slora.mbgmv import lora_padded_bmm_rows, make_tables, mbgmm_ref
-
-CFG = LlamaConfig(vocab_size=64, d_model=64, n_layers=2, n_heads=2, n_kv_heads=2, ffn_dim=128, max_seq_len=128)
-
-
-@pytest.fixture(scope="module")
-def setup():
-    torch.manual_seed(0)
-    model = random_llama(CFG, "cpu", torch.float32, seed=0)
-    ads = {a: random_adapter(model, [2, 4, 8][a % 3], seed=a, targets=ATTN_TARGETS, std=0.2) for a in range(5)}
-    return model, ads
 
 
 def _serve(model, ads, system, graphs, n_req=10, max_context=32):
-    reqs = slora_trace(n_req, 5, len_range=(3, 12), vocab=CFG.vocab_size, seed=11)
+    reqs = slora_trace(n_req, 5, len_range=(3, 12), vocab=model.cfg.vocab_size, seed=11)
     eng = SLoRAEngine(model, system, pool_slots=600, adapter_region=96, max_batch_size=6, record_logits=True,
                       policy="vllm", decode_graphs=graphs, max_context=max_context, context_bucket=16,
                       use_graphs=False)
