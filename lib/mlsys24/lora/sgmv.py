@@ -223,6 +223,16 @@ def segments_from_indptr(seg_indptr: Sequence[int], seg_slot: Sequence[int], *, 
 # Triton kernels
 # ------------------------------------------------------------------------------------------------
 # Batch-dependent integers are not specialized on (one compilation serves every batch size).
+@triton.jit
+def _tile_entry(table_ptr, n_rows, capacity, tile):
+    """(first row, end row, adapter slot) of segment tile ``tile`` in the packed table
+    (``rows | starts | ends | slots``): three independent loads, one memory round trip."""
+    start = tl.load(table_ptr + n_rows + tile)
+    end = tl.load(table_ptr + n_rows + capacity + tile)
+    slot = tl.load(table_ptr + n_rows + 2 * capacity + tile).to(tl.int64)
+    return start, end, slot
+
+
 @triton.jit(do_not_specialize=["n_rows", "capacity", "k_per_split"])
 def _sgmv_shrink_kernel(x_ptr, w_ptr, v_ptr, table_ptr, count_ptr, n_rows, capacity, K, R, k_per_split,
                         stride_xm, stride_xk, stride_ws, stride_wk, stride_wr, stride_vs, stride_vm, stride_vr,
@@ -240,10 +250,7 @@ def _sgmv_shrink_kernel(x_ptr, w_ptr, v_ptr, table_ptr, count_ptr, n_rows, capac
         tl.extra.cuda.gdc_launch_dependents()
     tile = tl.program_id(0)
     split = tl.program_id(1)
-    # the three table entries are independent loads (one memory round trip, not three)
-    start = tl.load(table_ptr + n_rows + tile)
-    end = tl.load(table_ptr + n_rows + capacity + tile)
-    slot = tl.load(table_ptr + n_rows + 2 * capacity + tile).to(tl.int64)
+    start, end, slot = _tile_entry(table_ptr, n_rows, capacity, tile)
     if end > start:
         pos = start + tl.arange(0, BLOCK_M)
         m_mask = pos < end
@@ -309,9 +316,7 @@ def _sgmv_expand_kernel(v_ptr, w_ptr, y_ptr, scale_ptr, table_ptr, n_rows, capac
     keep registers low, so many programs stay resident and keep weight reads in flight."""
     tile = tl.program_id(0)
     nb = tl.program_id(1)
-    start = tl.load(table_ptr + n_rows + tile)
-    end = tl.load(table_ptr + n_rows + capacity + tile)
-    slot = tl.load(table_ptr + n_rows + 2 * capacity + tile).to(tl.int64)
+    start, end, slot = _tile_entry(table_ptr, n_rows, capacity, tile)
     if end > start:
         pos = start + tl.arange(0, BLOCK_M)
         m_mask = pos < end
@@ -386,9 +391,7 @@ def _sgmv_expand_rows_kernel(v_ptr, w_ptr, y_ptr, scale_ptr, table_ptr, n_rows, 
     row's ``y`` and ``v`` are loaded before the current row's product."""
     tile = tl.program_id(0)
     nb = tl.program_id(1)
-    start = tl.load(table_ptr + n_rows + tile)
-    end = tl.load(table_ptr + n_rows + capacity + tile)
-    slot = tl.load(table_ptr + n_rows + 2 * capacity + tile).to(tl.int64)
+    start, end, slot = _tile_entry(table_ptr, n_rows, capacity, tile)
     if end > start:
         offs_r = tl.arange(0, BLOCK_R)
         r_mask = offs_r < R
