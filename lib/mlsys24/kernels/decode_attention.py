@@ -263,6 +263,18 @@ def _load_q(q_ptr, b, hk, stride_qb, stride_qh, stride_qd, qk_scale2,
 
 
 @triton.jit
+def split_bounds(lens_ptr, pid_s, pid_bh, n_kv_heads, split_len):
+    """Split ``pid_s`` of program row ``pid_bh = b * n_kv_heads + kv head``: (b, kv head, the row's
+    length, first token, end token) — the tokens ``[start, end)`` of row b this program attends to."""
+    b = pid_bh // n_kv_heads
+    hk = pid_bh % n_kv_heads
+    seqlen = tl.load(lens_ptr + b)
+    start = pid_s * split_len
+    end = tl.minimum(start + split_len, seqlen)
+    return b, hk, seqlen, start, end
+
+
+@triton.jit
 def _split_kv_sync_kernel(
     q_ptr, k_ptr, v_ptr, lens_ptr, bt_ptr, po_ptr, pm_ptr, pl_ptr,
     stride_qb, stride_qh, stride_qd,
@@ -277,11 +289,7 @@ def _split_kv_sync_kernel(
     pid_s = tl.program_id(0)
     pid_bh = tl.program_id(1)
     n_splits = tl.num_programs(0)
-    b = pid_bh // H_KV
-    hk = pid_bh % H_KV
-    seqlen = tl.load(lens_ptr + b)
-    start = pid_s * split_len
-    end = tl.minimum(start + split_len, seqlen)
+    b, hk, seqlen, start, end = split_bounds(lens_ptr, pid_s, pid_bh, H_KV, split_len)
     q = _load_q(q_ptr, b, hk, stride_qb, stride_qh, stride_qd, qk_scale2, G, BLOCK_G, BLOCK_D, D, USE_DOT)
     k_head = k_ptr + hk.to(tl.int64) * stride_kh
     v_head = v_ptr + hk.to(tl.int64) * stride_vh
@@ -350,11 +358,7 @@ def _split_kv_async_kernel(
     pid_s = tl.program_id(0)
     pid_bh = tl.program_id(1)
     n_splits = tl.num_programs(0)
-    b = pid_bh // H_KV
-    hk = pid_bh % H_KV
-    seqlen = tl.load(lens_ptr + b)
-    start = pid_s * split_len
-    end = tl.minimum(start + split_len, seqlen)
+    b, hk, seqlen, start, end = split_bounds(lens_ptr, pid_s, pid_bh, H_KV, split_len)
     q = _load_q(q_ptr, b, hk, stride_qb, stride_qh, stride_qd, qk_scale2, G, BLOCK_G, BLOCK_D, D, USE_DOT)
     k_head = k_ptr + hk.to(tl.int64) * stride_kh
     v_head = v_ptr + hk.to(tl.int64) * stride_vh

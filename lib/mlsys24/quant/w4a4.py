@@ -52,6 +52,7 @@ import triton
 import triton.language as tl
 
 import mlsys24.kernels  # noqa: F401  (Triton interpreter fixes on CPU)
+from mlsys24.kernels.decode_attention import split_bounds
 
 from .atom import quantize_kv_asym, sym_group_quant
 
@@ -569,11 +570,7 @@ def _attn_kv4_split_kernel(q_ptr, k_ptr, kd_ptr, kz_ptr, v_ptr, vd_ptr, vz_ptr, 
     query rows padded to 16). Base-2 online softmax. SINGLE: one split, normalise and store ``o``."""
     sid = tl.program_id(0)
     bh = tl.program_id(1)
-    b = bh // KVH
-    kvh = bh % KVH
-    L = tl.load(lens_ptr + b)
-    start = sid * split_len
-    end = tl.minimum(start + split_len, L)
+    b, kvh, L, start, end = split_bounds(lens_ptr, sid, bh, KVH, split_len)
     g = tl.arange(0, BLOCK_G)
     gm = g < GQ
     d2 = tl.arange(0, D2)
