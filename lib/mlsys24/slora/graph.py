@@ -27,19 +27,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..serving.graph import StaticDecodeView
+from ..serving.graph import StaticDecodeView, _bucket
 from .mbgmv import PoolTables
 
 __all__ = ["LoRADecodeGraphs", "GRAPH_BATCH_BUCKETS"]
 
 GRAPH_BATCH_BUCKETS = (8, 16, 32, 64, 128, 256)
-
-
-def _bucket(x: int, buckets) -> int | None:
-    for b in buckets:
-        if x <= b:
-            return b
-    return None
 
 
 class _StaticStep:
