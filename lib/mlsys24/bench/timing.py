@@ -147,23 +147,27 @@ def _measure_cuda(fn, warmup, repeats, flush_l2, dev, min_time_s, max_repeats) -
 
 
 class CUDAGraphed:
-    """``fn`` captured in a CUDA graph after two warm-up calls on a side stream.
+    """``fn`` captured in a CUDA graph after ``warmup`` calls on a side stream (kernel compiles,
+    allocations and library handles happen there, outside the graph).
 
     ``measure(g.replay)`` then times the device work alone, without the host's launch cost (as in
     a serving engine's captured decode step). ``out`` is the captured call's output tensor(s).
+    ``pool``: a ``torch.cuda.graph_pool_handle()`` shared by several graphs (the decode engines
+    capture one graph per batch bucket into one pool); ``sync``: wait for the capture to finish.
     """
 
-    def __init__(self, fn: Callable[[], object]):
+    def __init__(self, fn: Callable[[], object], *, warmup: int = 2, pool=None, sync: bool = True):
         s = torch.cuda.Stream()
         s.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(s):
-            for _ in range(2):
+            for _ in range(warmup):
                 fn()
         torch.cuda.current_stream().wait_stream(s)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        with torch.cuda.graph(self.graph, pool=pool):
             self.out = fn()
-        torch.cuda.synchronize()
+        if sync:
+            torch.cuda.synchronize()
 
     def replay(self) -> None:
         self.graph.replay()

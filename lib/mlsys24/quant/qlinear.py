@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..bench import CUDAGraphed
 from .pack import awq_pack, dequantize_awq, gemv_repack
 
 __all__ = ["QuantLinear", "quantize_linears", "save_awq_checkpoint", "load_awq_checkpoint", "QUANT_CONFIG",
@@ -343,16 +344,8 @@ class FusedDecoder:
     @torch.no_grad()
     def capture(self, *, linears: bool = True, others: bool = True, warmup: int = 2):
         """A ``torch.cuda.CUDAGraph`` of one step (inputs from :meth:`set_inputs`)."""
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            for _ in range(warmup):          # compiles every kernel, sizes the GEMV workspace
-                self._step(linears, others)
-        torch.cuda.current_stream().wait_stream(s)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            self._step(linears, others)
-        return g
+        # the warm-up calls compile every kernel and size the GEMV workspace
+        return CUDAGraphed(lambda: self._step(linears, others), warmup=warmup, sync=False).graph
 
     def weight_bytes(self) -> int:
         """Bytes of the projection weights one step reads (packed ints + steps + zeros, or fp16)."""

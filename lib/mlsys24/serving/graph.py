@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from ..bench import CUDAGraphed
 from ..models.kv_cache import KVCache, PagedKVCache
 
 __all__ = ["StaticDecodeView", "DecodeGraphs", "BATCH_BUCKETS"]
@@ -152,18 +153,10 @@ class DecodeGraphs:
         return self.model.lm_head(h[:, 0])
 
     def _capture(self, view: StaticDecodeView, key) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            for _ in range(2):  # warm-up (compilation, allocations, cuBLAS handles) outside the graph
-                self._step(view)
-        torch.cuda.current_stream().wait_stream(s)
-        g = torch.cuda.CUDAGraph()
         if self._mempool is None:
             self._mempool = torch.cuda.graph_pool_handle()
-        with torch.cuda.graph(g, pool=self._mempool):
-            out = self._step(view)
-        return g, out
+        cg = CUDAGraphed(lambda: self._step(view), pool=self._mempool, sync=False)
+        return cg.graph, cg.out
 
     @torch.no_grad()
     def run(self, seq_ids: list[int], tokens: list[int], positions: list[int]) -> torch.Tensor:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..bench import CUDAGraphed
 from ..serving.graph import StaticDecodeView, _bucket
 from .mbgmv import PoolTables
 
@@ -164,18 +165,10 @@ class LoRADecodeGraphs:
         st.reset()
         if not self.use_graphs or key in self._graphs:
             return
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            for _ in range(2):   # compiles, cuBLAS handles, allocations: outside the graph
-                self._forward(st)
-        torch.cuda.current_stream().wait_stream(s)
-        g = torch.cuda.CUDAGraph()
         if self._mempool is None:
             self._mempool = torch.cuda.graph_pool_handle()
-        with torch.cuda.graph(g, pool=self._mempool):
-            out = self._forward(st)
-        self._graphs[key] = (g, out)
+        cg = CUDAGraphed(lambda: self._forward(st), pool=self._mempool, sync=False)
+        self._graphs[key] = (cg.graph, cg.out)
         self.captures += 1
 
     def capture_all(self, ranks) -> int:
