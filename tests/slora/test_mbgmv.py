@@ -66,18 +66,41 @@ def test_mbgmv_matches_reference(dtype, H, ranks):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_mbgmv_split_k_matches_reference(split_k, dtype):
     # K = 127 in tiles of 16: 8 tiles, split into uneven slices (the last one ragged); more splits than
-    # tiles are clamped; partial sums meet in v through atomics
+    # tiles are clamped; each split stores its own plane of v, the expand adds them
     H, ranks = 127, [32, 8, 1, 16]
     x, wa, wb, t = _pool_batch(H, ranks, [1] * len(ranks), dtype, seed=5)
+    valid = torch.arange(32)[None, :] < torch.tensor(ranks)[:, None]           # entries j < r are defined
     for proj in (1, 2):
         ref = mbgmm_ref(x, wa, wb, t, proj=proj)
         v = mbgmv_shrink(x, wa, t, proj, block_k=16, split_k=split_k)
         v1 = mbgmv_shrink(x, wa, t, proj, block_k=16, split_k=1)
-        torch.testing.assert_close(v, v1, atol=1e-4, rtol=1e-4)
+        n_planes = -(-8 // -(-8 // min(split_k, 8)))                               # whole tiles per split
+        assert v.shape == (n_planes, len(ranks), 32) and v1.shape == (1, len(ranks), 32)
+        torch.testing.assert_close(v.sum(0)[valid], v1[0][valid], atol=1e-4, rtol=1e-4)
         out = mbgmv_expand(torch.zeros(len(ranks), H, dtype=dtype), v, wb, t, proj)
         torch.testing.assert_close(out.float(), ref, atol=TOL[dtype], rtol=TOL[dtype])
+        fresh = mbgmv_expand(None, v, wb, t, proj)             # every row one request: stored, no zero fill
+        assert t.rows_once()
+        torch.testing.assert_close(fresh.float(), ref, atol=TOL[dtype], rtol=TOL[dtype])
     with pytest.raises(ValueError, match="split_k"):
         mbgmv_shrink(x, wa, t, 0, split_k=0)
+
+
+def test_mbgmv_rows_without_adapter_and_accumulate():
+    # rows 1 and 3 of 4 have no adapter (no segment): their LoRA term is 0, not whatever memory held;
+    # with y given, the term is added to it
+    H, ranks = 64, [8, 16]
+    x, wa, wb, t0 = _pool_batch(H, ranks, [1, 1], torch.float32, seed=9)
+    x4 = torch.randn(4, H)
+    x4[[0, 2]] = x
+    t = make_tables([0, 2], [1, 1], t0.seg_astart, ranks, t0.seg_scale, t0.a_loc, 4, "cpu")
+    assert not t.rows_once() and t0.rows_once()
+    ref = mbgmm_ref(x4, wa, wb, t, proj=1)
+    out = lora_mbgmv(x4, wa, wb, t, proj=1)
+    assert out[[1, 3]].abs().sum() == 0
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+    base = torch.randn(4, H)
+    torch.testing.assert_close(lora_mbgmv(x4, wa, wb, t, proj=1, y=base.clone()), base + ref, atol=1e-4, rtol=1e-4)
 
 
 def test_mbgmv_split_choice():

@@ -37,6 +37,7 @@ import torch
 from ..bench import save_results
 from ..models import preset, random_llama
 from ..serving.lora import AdapterWeights
+from . import mbgmv as mb
 from .adapters import HostAdapter
 from .engine import (
     MergedServer,
@@ -106,6 +107,17 @@ def _step_stats(eng) -> dict:
 
 
 MBGMV_PPS_SWEEP = (0, 4, 8, 16, 32)   # MBGMV shrink: programs per SM aimed at by its split-K (0: none)
+# MBGMV tile shapes timed on the decode step (expand first, then shrink; the first is the default)
+MBGMV_EXPAND_SWEEP = ({"block_r": 16, "block_n": 512, "num_warps": 2}, {"block_r": 16, "block_n": 512, "num_warps": 4},
+                      {"block_r": 32, "block_n": 512, "num_warps": 4}, {"block_r": 16, "block_n": 256, "num_warps": 2},
+                      {"block_r": 16, "block_n": 1024, "num_warps": 4}, {"block_r": 64, "block_n": 128, "num_warps": 4})
+MBGMV_SHRINK_SWEEP = ({"block_j": 4, "block_k": 1024, "num_warps": 4}, {"block_j": 8, "block_k": 1024, "num_warps": 4},
+                      {"block_j": 8, "block_k": 512, "num_warps": 4}, {"block_j": 4, "block_k": 2048, "num_warps": 8},
+                      {"block_j": 16, "block_k": 256, "num_warps": 2})
+
+
+def _cfg_key(c: dict) -> str:
+    return ",".join(f"{k}={v}" for k, v in c.items())
 
 
 def lora_kernel_timing(H: int, L: int, ranks: list[int], dev, dtype, *, graph: bool = True, repeats: int = 50,
@@ -157,16 +169,30 @@ def lora_kernel_timing(H: int, L: int, ranks: list[int], dev, dtype, *, graph: b
 
     el = torch.finfo(dtype).bits // 8
     out = []
-    # MBGMV shrink split-K: each choice of programs per SM timed on this step; the fastest becomes the
-    # module default for the rest of the run (the serving runs' decode graphs are captured after this)
-    from . import mbgmv as mb
+    def timed(fn):
+        return measure_graphed(fn, graph=graph, repeats=repeats, device=dev).median_us
 
+    def diff():
+        return float((lora_mbgmv(x, wa[0], wb[0], t, 0).float() - y_m.float()).abs().max())
+
+    # tile shapes, then the shrink's split-K: each candidate timed on this step, the fastest becomes the
+    # module default for the rest of the run (the serving runs' decode graphs are captured after this)
+    if graph:
+        for param, table, cands in (("MBGMV_EXPAND", mb.MBGMV_EXPAND, MBGMV_EXPAND_SWEEP),
+                                    ("MBGMV_SHRINK", mb.MBGMV_SHRINK, MBGMV_SHRINK_SWEEP)):
+            res = {}
+            for c in cands:
+                table.update(c)
+                res[_cfg_key(c)] = (timed(step_mbgmv), diff(), c)
+            best = min(res.values(), key=lambda v: v[0])
+            table.update(best[2])
+            out.append({"kind": "lora_kernel_sweep", "method": "mbgmv", "param": param,
+                        "step_us": {k: v[0] for k, v in res.items()},
+                        "max_abs_diff_vs_first": {k: v[1] for k, v in res.items()}, "chosen": dict(table)})
     sweep = {}
     for pps in (MBGMV_PPS_SWEEP if graph else (mb.MBGMV_PROGRAMS_PER_SM,)):
         mb.MBGMV_PROGRAMS_PER_SM = pps
-        y_s = lora_mbgmv(x, wa[0], wb[0], t, 0)
-        sweep[pps] = (measure_graphed(step_mbgmv, graph=graph, repeats=repeats, device=dev).median_us,
-                      float((y_s.float() - y_m.float()).abs().max()))
+        sweep[pps] = (timed(step_mbgmv), diff())
     mb.MBGMV_PROGRAMS_PER_SM = min(sweep, key=lambda k: sweep[k][0])
     out.append({"kind": "lora_kernel_sweep", "method": "mbgmv", "param": "MBGMV_PROGRAMS_PER_SM",
                 "step_us": {str(k): v[0] for k, v in sweep.items()},
@@ -226,6 +252,13 @@ def run(args) -> Path:
         print(f"[{time.perf_counter() - t0:6.1f}s] {msg}", flush=True)
 
     model = random_llama(cfg, dev, dtype, seed=0)
+    # prefill attention runs SDPA with a boolean mask (prompts of a step at different offsets): cuDNN's
+    # kernel builds an execution plan for every new shape, ~1.7 ms of host time per layer (measured on an
+    # H200), and nearly every prefill step has a new token count; the memory-efficient kernel has no such
+    # cost. The same for every system.
+    sdpa_cudnn = False
+    if cuda:
+        torch.backends.cuda.enable_cudnn_sdp(sdpa_cudnn)
     if attention == "paged":   # decode attention over the token-granular pool in place (no K/V gather)
         from ..models.fast_decode import PagedDecodeAttention
 
@@ -341,7 +374,7 @@ def run(args) -> Path:
     for rec in ktimes:
         records.append(rec)
         if rec["kind"] == "lora_kernel_sweep":
-            log("MBGMV split-K sweep (programs/SM: step us): "
+            log(f"MBGMV sweep {rec['param']} (step us): "
                 + ", ".join(f"{k}: {v:.0f}" for k, v in rec["step_us"].items()) + f" -> {rec['chosen']}")
             continue
         log(f"LoRA step ({rec['method']}, {rec['batch']} rows, {rec['layers']} layers): {rec['step_us']:.0f} us, "
@@ -379,7 +412,9 @@ def run(args) -> Path:
             window_s=window, len_range=list(len_range), pool_slots=pool_slots, adapter_region_slots=region,
             slot_bytes=sb, max_batch_size=max_batch, n_adapters=ns, dtype=str(dtype), decode_graphs=state["graphs"],
             context_bucket=bucket, max_context=max_context, rounds=rounds, rounds_completed=done_rounds,
-            warm_up=True, n_requests=n_req), out=out)
+            warm_up=True, n_requests=n_req, sdpa_cudnn=sdpa_cudnn and cuda,
+            mbgmv_shrink=dict(mb.MBGMV_SHRINK), mbgmv_expand=dict(mb.MBGMV_EXPAND),
+            mbgmv_programs_per_sm=mb.MBGMV_PROGRAMS_PER_SM), out=out)
     if eager_check:   # the previous engine path (no decode graphs: per-step host syncs), for the record
         for system, n in (("slora", ns[0]), ("slora", ns[1]), ("bmm", ns[1])):
             one(system, n, rounds, use_graphs=False)

@@ -19,8 +19,11 @@ ranks below 16 compute on zero-padded lanes but *load* only their ``r`` rows).
   the shrink, plus an output-column tile for the expand; ``tl.dot`` on tensor cores.
 - **MBGMV** (:func:`lora_mbgmv`): one token per request (decode); one program per (request, block of
   rank rows, K slice) for the shrink — a block past the request's rank exits at once (the paper's grid
-  is (max rank, batch)); the K slices (split-K, fp32 atomics) keep enough programs in flight at small
-  batches (:func:`mbgmv_split`) — and per (request, column tile) for the expand; no tensor cores.
+  is (max rank, batch)); the K slices (split-K, :func:`mbgmv_split`) keep enough programs in flight at
+  small batches, each storing its own fp32 plane of partial sums (no zero fill, no atomics) — and one
+  per (request, column tile) for the expand, which adds the planes and walks the request's rank in
+  chunks of rows (only its own ``r`` rows are loaded, one chunk in registers at a time), storing ``y``
+  directly when every row is one request's; no tensor cores.
 
 Tables (:class:`PoolTables`, built once per forward, shared by every layer): per segment the first
 token row ``seg_start``, ``seg_len``, ``seg_astart`` (offset into ``a_loc``), ``seg_rank``,
@@ -81,6 +84,16 @@ class PoolTables:
     @property
     def max_len(self) -> int:
         return int(self.seg_len.max()) if self.n_seg else 0
+
+    def rows_once(self) -> bool:
+        """Every token row is exactly one single-token segment (segment ``i`` = row ``i``): a decode
+        batch in which every request has an adapter (the MBGMV expand may then store instead of add)."""
+        c = self.__dict__.get("_rows_once")
+        if c is None:
+            c = bool(self.n_seg == self.n_rows and (self.seg_len == 1).all()
+                     and (self.seg_start == np.arange(self.n_seg)).all())
+            self.__dict__["_rows_once"] = c
+        return c
 
     def rows_of(self, s: int, proj: int) -> np.ndarray:
         """Slot ids of segment ``s``'s adapter rows for projection ``proj``."""
@@ -177,15 +190,16 @@ def _mbgmm_expand_kernel(v_ptr, wb_ptr, y_ptr, table_ptr, scale_ptr, n_seg, N, p
 
 @triton.jit(do_not_specialize=["n_seg", "K", "proj", "k_per_split"])
 def _mbgmv_shrink_kernel(x_ptr, wa_ptr, v_ptr, table_ptr, n_seg, K, proj, k_per_split,
-                         stride_xm, stride_xk, stride_ws, stride_wk, stride_vm, stride_vr,
-                         BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, ATOMIC: tl.constexpr):
-    """v[token, j-block] (+)= wa[rows j-block, K-slice] @ x[token, K-slice]   (one token per request;
-    j >= rank exits). Split-K: program_id(2) takes ``k_per_split`` columns of K and adds its partial
-    sums into the zero-filled ``v`` with fp32 atomics (``ATOMIC``), so a decode batch of a few dozen
-    requests still puts enough programs in flight to stream the adapter rows at memory speed."""
+                         stride_xm, stride_xk, stride_ws, stride_wk, stride_vs, stride_vm, stride_vr,
+                         BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr):
+    """v[split, token, j-block] = wa[rows j-block, K-slice] @ x[token, K-slice]   (one token per
+    request; a block at or past the request's rank exits). Split-K: program_id(2) takes ``k_per_split``
+    columns of K and stores its partial sums in its own plane ``split`` of ``v`` (no zero fill, no
+    atomics); the expand adds the planes. Rows ``j >= rank`` of ``v`` are never written nor read."""
     seg = tl.program_id(0)
     jb = tl.program_id(1)
-    k_lo = tl.program_id(2) * k_per_split
+    pk = tl.program_id(2)
+    k_lo = pk * k_per_split
     rank = tl.load(table_ptr + 3 * n_seg + seg)
     if jb * BLOCK_J < rank:
         row = tl.load(table_ptr + seg).to(tl.int64)
@@ -202,34 +216,40 @@ def _mbgmv_shrink_kernel(x_ptr, wa_ptr, v_ptr, table_ptr, n_seg, K, proj, k_per_
             wt = tl.load(wa_ptr + slots[:, None] * stride_ws + offs_k[None, :] * stride_wk,
                          mask=j_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)  # [BLOCK_J, BLOCK_K]
             acc += tl.sum(wt * xk[None, :], axis=1)
-        if ATOMIC:
-            tl.atomic_add(v_ptr + row * stride_vm + offs_j * stride_vr, acc, mask=j_mask)
-        else:
-            tl.store(v_ptr + row * stride_vm + offs_j * stride_vr, acc, mask=j_mask)
+        tl.store(v_ptr + pk * stride_vs + row * stride_vm + offs_j * stride_vr, acc, mask=j_mask)
 
 
-@triton.jit(do_not_specialize=["n_seg", "N", "proj"])
-def _mbgmv_expand_kernel(v_ptr, wb_ptr, y_ptr, table_ptr, scale_ptr, n_seg, N, proj,
-                         stride_vm, stride_vr, stride_ws, stride_wn, stride_ym, stride_yn,
-                         BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
-    """y[token, n-tile] += scale · v[token, :r] @ wb[rows, n-tile]."""
+@triton.jit(do_not_specialize=["n_seg", "N", "proj", "n_split"])
+def _mbgmv_expand_kernel(v_ptr, wb_ptr, y_ptr, table_ptr, scale_ptr, n_seg, N, proj, n_split,
+                         stride_vs, stride_vm, stride_vr, stride_ws, stride_wn, stride_ym, stride_yn,
+                         BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, ACCUM: tl.constexpr):
+    """y[token, n-tile] (+)= scale · (Σ_split v[split, token, :r]) @ wb[rows, n-tile], the rank walked
+    in chunks of ``BLOCK_R`` rows (a request loads only its own ``r`` rows and holds one chunk in
+    registers, whatever the batch's largest rank). ``ACCUM``: add to ``y``; else store (every row of
+    ``y`` is one segment's token)."""
     seg = tl.program_id(0)
     nb = tl.program_id(1)
     row = tl.load(table_ptr + seg).to(tl.int64)
     astart = tl.load(table_ptr + 2 * n_seg + seg)
     rank = tl.load(table_ptr + 3 * n_seg + seg)
-    offs_r = tl.arange(0, BLOCK_R)
-    r_mask = offs_r < rank
-    slots = tl.load(table_ptr + 4 * n_seg + astart + rank * proj + offs_r, mask=r_mask, other=0).to(tl.int64)
     offs_n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
-    vr = tl.load(v_ptr + row * stride_vm + offs_r * stride_vr, mask=r_mask, other=0.0)
-    wt = tl.load(wb_ptr + slots[:, None] * stride_ws + offs_n[None, :] * stride_wn,
-                 mask=r_mask[:, None] & n_mask[None, :], other=0.0).to(tl.float32)
-    acc = tl.sum(vr[:, None] * wt, axis=0) * tl.load(scale_ptr + seg)
+    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for r0 in range(0, rank, BLOCK_R):
+        offs_r = r0 + tl.arange(0, BLOCK_R)
+        r_mask = offs_r < rank
+        slots = tl.load(table_ptr + 4 * n_seg + astart + rank * proj + offs_r, mask=r_mask, other=0).to(tl.int64)
+        vr = tl.zeros([BLOCK_R], dtype=tl.float32)
+        for sp in range(n_split):
+            vr += tl.load(v_ptr + sp * stride_vs + row * stride_vm + offs_r * stride_vr, mask=r_mask, other=0.0)
+        wt = tl.load(wb_ptr + slots[:, None] * stride_ws + offs_n[None, :] * stride_wn,
+                     mask=r_mask[:, None] & n_mask[None, :], other=0.0).to(tl.float32)
+        acc += tl.sum(vr[:, None] * wt, axis=0)
+    acc = acc * tl.load(scale_ptr + seg)
     out = y_ptr + row * stride_ym + offs_n * stride_yn
-    yv = tl.load(out, mask=n_mask, other=0.0)
-    tl.store(out, (yv.to(tl.float32) + acc).to(yv.dtype), mask=n_mask)
+    if ACCUM:
+        acc += tl.load(out, mask=n_mask, other=0.0).to(tl.float32)
+    tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=n_mask)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -287,7 +307,7 @@ def mbgmm_expand(y: torch.Tensor, v: torch.Tensor, wb: torch.Tensor, t: PoolTabl
 
 # MBGMV shrink split-K: programs per SM aimed at (0: no split). The GPU bench measures the choices and
 # sets this before its serving runs (the value it used is recorded in its results).
-MBGMV_PROGRAMS_PER_SM = 16
+MBGMV_PROGRAMS_PER_SM = 4
 _SMS: dict = {}
 
 
@@ -312,44 +332,70 @@ def mbgmv_split(n_seg: int, block_rows: int, k_tiles: int, device, programs_per_
     return max(1, min(k_tiles, -(-want // (n_seg * block_rows))))
 
 
-def mbgmv_shrink(x: torch.Tensor, wa: torch.Tensor, t: PoolTables, proj: int, *, block_j: int = 16,
-                 block_k: int | None = None, split_k: int | None = None) -> torch.Tensor:
+# MBGMV tile shapes (the GPU bench times candidates on a decode step and sets the fastest before its
+# serving runs; the values it used are recorded in its results). Shrink: rank rows per program, K
+# columns per loop step, warps. Expand: rank rows per loop step, output columns per program, warps.
+# Defaults: the choice of the committed run on an NVIDIA H200 (data/results/slora/h200.json: 128 requests,
+# ranks 8-64, H = 4096; the candidates within ~2 % of each other are listed in its sweep records).
+MBGMV_SHRINK = {"block_j": 8, "block_k": 1024, "num_warps": 4}
+MBGMV_EXPAND = {"block_r": 16, "block_n": 1024, "num_warps": 4}
+
+
+def mbgmv_shrink(x: torch.Tensor, wa: torch.Tensor, t: PoolTables, proj: int, *, block_j: int | None = None,
+                 block_k: int | None = None, split_k: int | None = None, num_warps: int | None = None
+                 ) -> torch.Tensor:
+    """Split-K partial sums ``v [split, N, R]`` fp32 (``R`` = largest rank as a power of two): summed
+    over ``split``, ``v[:, t, :r] = x[t] @ A`` for each request's token (entries ``j >= r`` undefined)."""
     _check(x, wa, t)
     if t.n_seg and t.max_len != 1:
         raise ValueError("MBGMV takes one token per request (use MBGMM for prefill)")
+    if split_k is not None and split_k < 1:
+        raise ValueError(f"split_k must be >= 1, got {split_k}")
     R = _pow2(t.max_rank)
-    v = torch.zeros(x.shape[0], R, dtype=torch.float32, device=x.device)
     if t.n_seg == 0:
-        return v
+        return torch.zeros(1, x.shape[0], R, dtype=torch.float32, device=x.device)
+    block_j = block_j or MBGMV_SHRINK["block_j"]
     K = x.shape[1]
-    block_k = min(_pow2(K), block_k or (128 if INTERPRET else 256))
+    block_k = min(_pow2(K), block_k or (128 if INTERPRET else MBGMV_SHRINK["block_k"]))
     k_tiles = triton.cdiv(K, block_k)
     if split_k is None:
         split_k = mbgmv_split(t.n_seg, triton.cdiv(R, block_j), k_tiles, x.device)
-    if split_k < 1:
-        raise ValueError(f"split_k must be >= 1, got {split_k}")
     split_k = min(split_k, k_tiles)
     k_per_split = triton.cdiv(k_tiles, split_k) * block_k
     split_k = triton.cdiv(K, k_per_split)
+    v = torch.empty(split_k, x.shape[0], R, dtype=torch.float32, device=x.device)
     grid = (t.n_seg, triton.cdiv(R, block_j), split_k)
     with _launch():
         _mbgmv_shrink_kernel[grid](x, wa, v, t.table, t.n_seg, K, proj, k_per_split, x.stride(0), x.stride(1),
-                                   wa.stride(0), wa.stride(1), v.stride(0), v.stride(1),
-                                   BLOCK_J=block_j, BLOCK_K=block_k, ATOMIC=split_k > 1)
+                                   wa.stride(0), wa.stride(1), v.stride(0), v.stride(1), v.stride(2),
+                                   BLOCK_J=block_j, BLOCK_K=block_k,
+                                   num_warps=num_warps or MBGMV_SHRINK["num_warps"])
     return v
 
 
-def mbgmv_expand(y: torch.Tensor, v: torch.Tensor, wb: torch.Tensor, t: PoolTables, proj: int, *,
-                 block_n: int | None = None) -> torch.Tensor:
+def mbgmv_expand(y: torch.Tensor | None, v: torch.Tensor, wb: torch.Tensor, t: PoolTables, proj: int, *,
+                 block_n: int | None = None, block_r: int | None = None, num_warps: int | None = None
+                 ) -> torch.Tensor:
+    """``y[t] += scale · v[t, :r] @ B`` (``v [N, R]`` or the shrink's split planes ``[split, N, R]``,
+    summed here). ``y=None``: a new ``y`` that holds only the LoRA term (stored, no zero fill, when every
+    token row is one request's; else zero-filled first)."""
+    if v.dim() == 2:
+        v = v.unsqueeze(0)
+    accum = y is not None
+    if y is None:
+        alloc = torch.empty if t.rows_once() else torch.zeros
+        y = alloc(t.n_rows, wb.shape[1], dtype=wb.dtype, device=wb.device)
     if t.n_seg == 0:
         return y
     N = wb.shape[1]
-    block_n = min(_pow2(N), block_n or (128 if INTERPRET else 256))
+    block_n = min(_pow2(N), block_n or (128 if INTERPRET else MBGMV_EXPAND["block_n"]))
+    block_r = block_r or MBGMV_EXPAND["block_r"]
     grid = (t.n_seg, triton.cdiv(N, block_n))
     with _launch():
-        _mbgmv_expand_kernel[grid](v, wb, y, t.table, t.scale, t.n_seg, N, proj, v.stride(0), v.stride(1),
-                                   wb.stride(0), wb.stride(1), y.stride(0), y.stride(1),
-                                   BLOCK_R=v.shape[1], BLOCK_N=block_n)
+        _mbgmv_expand_kernel[grid](v, wb, y, t.table, t.scale, t.n_seg, N, proj, v.shape[0],
+                                   v.stride(0), v.stride(1), v.stride(2), wb.stride(0), wb.stride(1),
+                                   y.stride(0), y.stride(1), BLOCK_R=block_r, BLOCK_N=block_n, ACCUM=accum,
+                                   num_warps=num_warps or MBGMV_EXPAND["num_warps"])
     return y
 
 
@@ -363,9 +409,9 @@ def lora_mbgmm(x: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor, t: PoolTable
 
 def lora_mbgmv(x: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor, t: PoolTables, proj: int,
                y: torch.Tensor | None = None) -> torch.Tensor:
-    """MBGMV: the decode case (one token per request)."""
+    """MBGMV: the decode case (one token per request). Two launches: the split-K shrink into per-split
+    planes, the expand (which adds them) storing ``y`` or, when given, adding into it."""
     v = mbgmv_shrink(x, wa, t, proj)
-    y = torch.zeros(x.shape[0], wb.shape[1], dtype=x.dtype, device=x.device) if y is None else y
     return mbgmv_expand(y, v, wb, t, proj)
 
 
