@@ -28,6 +28,8 @@ def test_decode_graph_path_equals_general_path(setup, system):
     assert r0["finished"] == r1["finished"] == 10
     assert eng.graph_steps > 0 and eng.graphs.eager_calls == eng.graph_steps
     assert ref.graph_steps == 0
+    # q, k, v LoRA terms of a decode step share one launch pair / one gather (PEFT-style: per projection)
+    assert (eng.backend.qkv_shared > 0) == (system != "peft") and ref.backend.qkv_shared == 0
     out0 = {s.rid: s for s in ref.finished}
     err = 0.0
     for s in eng.finished:

@@ -9,6 +9,7 @@ from mlsys24.slora.mbgmv import (
     lora_mbgmm,
     lora_mbgmv,
     lora_padded_bmm,
+    lora_padded_bmm_rows,
     lora_pool_torch,
     make_tables,
     mbgmm_ref,
@@ -101,6 +102,32 @@ def test_mbgmv_rows_without_adapter_and_accumulate():
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
     base = torch.randn(4, H)
     torch.testing.assert_close(lora_mbgmv(x4, wa, wb, t, proj=1, y=base.clone()), base + ref, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_mbgmv_projections_in_one_launch(dtype):
+    # q, k, v of the same x in one shrink and one expand launch equal three single-projection calls,
+    # and the padded-BMM baseline batches them the same way
+    H, ranks = 83, [16, 4, 8, 1, 32]
+    x, wa, wb, t = _pool_batch(H, ranks, [1] * len(ranks), dtype, seed=11)
+    multi = lora_mbgmv(x, wa, wb, t, 1, n_proj=3)
+    assert multi.shape == (3, len(ranks), H)
+    for i, p in enumerate((1, 2, 3)):
+        torch.testing.assert_close(multi[i].float(), mbgmm_ref(x, wa, wb, t, proj=p), atol=TOL[dtype], rtol=TOL[dtype])
+    R = max(ranks)
+    zero = wa.shape[0]
+    wa0, wb0 = torch.cat([wa, torch.zeros(1, H, dtype=dtype)]), torch.cat([wb, torch.zeros(1, H, dtype=dtype)])
+    idx = torch.full((4, len(ranks), R), zero)
+    for s_, r in enumerate(ranks):
+        for p in range(4):
+            idx[p, s_, :r] = torch.from_numpy(t.rows_of(s_, p))
+    sc = torch.from_numpy(t.seg_scale)
+    b3 = lora_padded_bmm_rows(x.float(), wa0.float(), wb0.float(), idx[:3], sc)
+    for p in range(3):
+        torch.testing.assert_close(b3[p], lora_padded_bmm_rows(x.float(), wa0.float(), wb0.float(), idx[p], sc))
+        torch.testing.assert_close(b3[p], mbgmm_ref(x, wa, wb, t, proj=p), atol=TOL[dtype], rtol=TOL[dtype])
+    with pytest.raises(ValueError, match="projections"):
+        lora_mbgmv(x, wa, wb, t, 2, n_proj=3)
 
 
 def test_mbgmv_split_choice():

@@ -156,6 +156,11 @@ def lora_kernel_timing(H: int, L: int, ranks: list[int], dev, dtype, *, graph: b
     y_m = lora_mbgmv(x, wa[0], wb[0], t, 0)
     y_b = lora_padded_bmm_rows(x, wa[0], wb[0], idx_d[0], scale)
     err = float((y_m.float() - y_b.float()).abs().max())
+    y3m = lora_mbgmv(x, wa[0], wb[0], t, 0, n_proj=3)
+    y3b = lora_padded_bmm_rows(x, wa[0], wb[0], idx_d[:3], scale)
+    err_qkv = max(max(float((y3m[p].float() - lora_mbgmv(x, wa[0], wb[0], t, p).float()).abs().max()),
+                      float((y3b[p].float() - lora_padded_bmm_rows(x, wa[0], wb[0], idx_d[p], scale).float()).abs().max()))
+                  for p in range(3))
 
     def step_mbgmv():
         for layer in range(L):
@@ -166,6 +171,17 @@ def lora_kernel_timing(H: int, L: int, ranks: list[int], dev, dtype, *, graph: b
         for layer in range(L):
             for p in range(4):
                 lora_padded_bmm_rows(x, wa[layer], wb[layer], idx_d[p], scale)
+
+    # as the engine runs them: q, k, v (same input) in one pair of launches / one gather, o apart
+    def step_mbgmv_qkv():
+        for layer in range(L):
+            lora_mbgmv(x, wa[layer], wb[layer], t, 0, n_proj=3)
+            lora_mbgmv(x, wa[layer], wb[layer], t, 3)
+
+    def step_bmm_qkv():
+        for layer in range(L):
+            lora_padded_bmm_rows(x, wa[layer], wb[layer], idx_d[:3], scale)
+            lora_padded_bmm_rows(x, wa[layer], wb[layer], idx_d[3], scale)
 
     el = torch.finfo(dtype).bits // 8
     out = []
@@ -198,7 +214,9 @@ def lora_kernel_timing(H: int, L: int, ranks: list[int], dev, dtype, *, graph: b
                 "step_us": {str(k): v[0] for k, v in sweep.items()},
                 "max_abs_diff_vs_no_split": {str(k): v[1] for k, v in sweep.items()},
                 "chosen": mb.MBGMV_PROGRAMS_PER_SM})
-    for name, fn, elems in (("mbgmv", step_mbgmv, 8 * H * int(rk.sum())), ("bmm", step_bmm, 8 * H * R * B)):
+    for name, fn, elems in (("mbgmv", step_mbgmv, 8 * H * int(rk.sum())), ("bmm", step_bmm, 8 * H * R * B),
+                            ("mbgmv_qkv", step_mbgmv_qkv, 8 * H * int(rk.sum())),
+                            ("bmm_qkv", step_bmm_qkv, 8 * H * R * B)):
         tm = measure_graphed(fn, graph=graph, repeats=repeats, device=dev)
         out.append({"kind": "lora_kernel", "method": name, "batch": B, "ranks": [int(r) for r in ranks],
                     "layers": L, "H": H, "step_us": tm.median_us, "p10_us": tm.p10_s * 1e6, "p90_us": tm.p90_s * 1e6,
@@ -206,6 +224,7 @@ def lora_kernel_timing(H: int, L: int, ranks: list[int], dev, dtype, *, graph: b
                     "weight_bytes_step": elems * el * L,
                     "GBps_weights": elems * el * L / tm.median_s / 1e9, "graph": bool(graph and dev != "cpu"),
                     "max_abs_diff_vs_other": err,
+                    **({"max_abs_diff_vs_single_projection": err_qkv} if name.endswith("_qkv") else {}),
                     **({"programs_per_sm": mb.MBGMV_PROGRAMS_PER_SM} if name == "mbgmv" else {})})
     return out
 
@@ -290,6 +309,8 @@ def run(args) -> Path:
             srv.fits = fits_scaled
             srv.need_bytes = n * model_bytes(model)
             return srv
+        bind_lora(model, SLoRABackend())   # let go of the last engine's pool (and graphs) before this one's
+        cleanup()
         eng = SLoRAEngine(model, system, pool_slots=pool_slots, adapter_region=region, max_batch_size=max_batch,
                           policy=policy, decode_graphs=state["graphs"] and use_graphs, max_context=max_context,
                           context_bucket=bucket)

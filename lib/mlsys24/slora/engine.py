@@ -98,6 +98,8 @@ class SLoRABackend(LoRABackend):
         self.batch_shape: tuple[int, int] | None = None
         self.tables = None
         self.static = None        # set while a decode graph is captured: LoRA from static device buffers
+        self._qkv_stash = None    # (layer, x) -> the k and v terms computed with q's (decode)
+        self.qkv_shared = 0       # k / v terms served from q's launch
         self.gathered = 0
         self.gathered_bmm = 0
 
@@ -139,11 +141,32 @@ class SLoRABackend(LoRABackend):
     def _triton(self, x) -> bool:
         return self.use_triton if self.use_triton is not None else x.is_cuda
 
+    def _qkv(self, l: int, p: int, x: torch.Tensor, compute3):
+        """q, k and v read the same ``x`` (the model calls their projections one after the other): the
+        q call computes all three LoRA terms in one pair of launches (``compute3() -> [3, N, H]``) and
+        keeps k's and v's for the next two calls, which must see the same layer and the same ``x``."""
+        key = (l, x.data_ptr(), tuple(x.shape), x.dtype)
+        if p == 0:
+            d = compute3()
+            self._qkv_stash = (key, d)
+            return d[0]
+        stash, self._qkv_stash = self._qkv_stash, (self._qkv_stash if p == 1 else None)
+        if stash is None or stash[0] != key:
+            return None
+        self.qkv_shared += 1
+        return stash[1][p]
+
     def delta(self, layer: str, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         l, p = layer_index(layer)
         wa, wb, t = self.pager.wa[l], self.pager.wb[l], self.tables
         st = self.static
         if st is not None:   # decode graph: index tensors already on the device, no host work
+            if self.compute in ("mbgmv", "bmm") and p < 3:
+                fn3 = ((lambda: lora_mbgmv(x, wa, wb, st.tables, 0, n_proj=3)) if self.compute == "mbgmv"
+                       else (lambda: lora_padded_bmm_rows(x, wa, wb, st.idx[:3], st.scale)))
+                d = self._qkv(l, p, x, fn3)
+                if d is not None:
+                    return d
             if self.compute == "mbgmv":
                 return lora_mbgmv(x, wa, wb, st.tables, p)
             if self.compute == "bmm":
@@ -160,6 +183,10 @@ class SLoRABackend(LoRABackend):
                 y[a:a + n] = (x[a:a + n] @ wa[rows].T) @ wb[rows] * float(t.seg_scale[s])
             return y
         if self._triton(x):
+            if t.max_len == 1 and p < 3:
+                d = self._qkv(l, p, x, lambda: lora_mbgmv(x, wa, wb, t, 0, n_proj=3))
+                if d is not None:
+                    return d
             return lora_mbgmv(x, wa, wb, t, p) if t.max_len == 1 else lora_mbgmm(x, wa, wb, t, p)
         return lora_pool_torch(x, wa, wb, t, p)
 

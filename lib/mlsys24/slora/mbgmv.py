@@ -188,17 +188,20 @@ def _mbgmm_expand_kernel(v_ptr, wb_ptr, y_ptr, table_ptr, scale_ptr, n_seg, N, p
         tl.store(out, (yv.to(tl.float32) + acc).to(yv.dtype), mask=mask)
 
 
-@triton.jit(do_not_specialize=["n_seg", "K", "proj", "k_per_split"])
-def _mbgmv_shrink_kernel(x_ptr, wa_ptr, v_ptr, table_ptr, n_seg, K, proj, k_per_split,
-                         stride_xm, stride_xk, stride_ws, stride_wk, stride_vs, stride_vm, stride_vr,
+@triton.jit(do_not_specialize=["n_seg", "K", "proj0", "k_per_split", "n_split"])
+def _mbgmv_shrink_kernel(x_ptr, wa_ptr, v_ptr, table_ptr, n_seg, K, proj0, k_per_split, n_split,
+                         stride_xm, stride_xk, stride_ws, stride_wk, stride_vp, stride_vs, stride_vm, stride_vr,
                          BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr):
-    """v[split, token, j-block] = wa[rows j-block, K-slice] @ x[token, K-slice]   (one token per
-    request; a block at or past the request's rank exits). Split-K: program_id(2) takes ``k_per_split``
-    columns of K and stores its partial sums in its own plane ``split`` of ``v`` (no zero fill, no
+    """v[p, split, token, j-block] = wa[rows j-block of projection proj0 + p, K-slice] @ x[token, K-slice]
+    (one token per request; a block at or past the request's rank exits). program_id(2) = p·n_split +
+    split: several projections of the same x (q, k, v) share one launch. Split-K: each split takes
+    ``k_per_split`` columns of K and stores its partial sums in its own plane of ``v`` (no zero fill, no
     atomics); the expand adds the planes. Rows ``j >= rank`` of ``v`` are never written nor read."""
     seg = tl.program_id(0)
     jb = tl.program_id(1)
-    pk = tl.program_id(2)
+    pk = tl.program_id(2) % n_split
+    pi = tl.program_id(2) // n_split
+    proj = proj0 + pi
     k_lo = pk * k_per_split
     rank = tl.load(table_ptr + 3 * n_seg + seg)
     if jb * BLOCK_J < rank:
@@ -216,19 +219,23 @@ def _mbgmv_shrink_kernel(x_ptr, wa_ptr, v_ptr, table_ptr, n_seg, K, proj, k_per_
             wt = tl.load(wa_ptr + slots[:, None] * stride_ws + offs_k[None, :] * stride_wk,
                          mask=j_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)  # [BLOCK_J, BLOCK_K]
             acc += tl.sum(wt * xk[None, :], axis=1)
-        tl.store(v_ptr + pk * stride_vs + row * stride_vm + offs_j * stride_vr, acc, mask=j_mask)
+        tl.store(v_ptr + pi * stride_vp + pk * stride_vs + row * stride_vm + offs_j * stride_vr, acc, mask=j_mask)
 
 
-@triton.jit(do_not_specialize=["n_seg", "N", "proj", "n_split"])
-def _mbgmv_expand_kernel(v_ptr, wb_ptr, y_ptr, table_ptr, scale_ptr, n_seg, N, proj, n_split,
-                         stride_vs, stride_vm, stride_vr, stride_ws, stride_wn, stride_ym, stride_yn,
-                         BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, ACCUM: tl.constexpr):
-    """y[token, n-tile] (+)= scale · (Σ_split v[split, token, :r]) @ wb[rows, n-tile], the rank walked
-    in chunks of ``BLOCK_R`` rows (a request loads only its own ``r`` rows and holds one chunk in
-    registers, whatever the batch's largest rank). ``ACCUM``: add to ``y``; else store (every row of
-    ``y`` is one segment's token)."""
+@triton.jit(do_not_specialize=["n_seg", "N", "proj0", "n_split"])
+def _mbgmv_expand_kernel(v_ptr, wb_ptr, y_ptr, table_ptr, scale_ptr, n_seg, N, proj0, n_split,
+                         stride_vp, stride_vs, stride_vm, stride_vr, stride_ws, stride_wn, stride_yp, stride_ym,
+                         stride_yn, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, ACCUM: tl.constexpr):
+    """y[p, token, n-tile] (+)= scale · (Σ_split v[p, split, token, :r]) @ wb[rows of projection
+    proj0 + p, n-tile] (p = program_id(2)), the rank walked in chunks of ``BLOCK_R`` rows (a request
+    loads only its own ``r`` rows and holds one chunk in registers, whatever the batch's largest rank).
+    ``ACCUM``: add to ``y``; else store (every row of ``y`` is one segment's token)."""
     seg = tl.program_id(0)
     nb = tl.program_id(1)
+    pi = tl.program_id(2)
+    proj = proj0 + pi
+    v_ptr += pi * stride_vp
+    y_ptr += pi * stride_yp
     row = tl.load(table_ptr + seg).to(tl.int64)
     astart = tl.load(table_ptr + 2 * n_seg + seg)
     rank = tl.load(table_ptr + 3 * n_seg + seg)
@@ -341,36 +348,41 @@ MBGMV_SHRINK = {"block_j": 8, "block_k": 1024, "num_warps": 4}
 MBGMV_EXPAND = {"block_r": 16, "block_n": 1024, "num_warps": 4}
 
 
-def mbgmv_shrink(x: torch.Tensor, wa: torch.Tensor, t: PoolTables, proj: int, *, block_j: int | None = None,
-                 block_k: int | None = None, split_k: int | None = None, num_warps: int | None = None
-                 ) -> torch.Tensor:
+def mbgmv_shrink(x: torch.Tensor, wa: torch.Tensor, t: PoolTables, proj: int, *, n_proj: int = 1,
+                 block_j: int | None = None, block_k: int | None = None, split_k: int | None = None,
+                 num_warps: int | None = None) -> torch.Tensor:
     """Split-K partial sums ``v [split, N, R]`` fp32 (``R`` = largest rank as a power of two): summed
-    over ``split``, ``v[:, t, :r] = x[t] @ A`` for each request's token (entries ``j >= r`` undefined)."""
+    over ``split``, ``v[:, t, :r] = x[t] @ A`` for each request's token (entries ``j >= r`` undefined).
+    ``n_proj > 1``: projections ``proj .. proj + n_proj - 1`` of the same ``x`` in one launch,
+    ``v [n_proj, split, N, R]``."""
     _check(x, wa, t)
     if t.n_seg and t.max_len != 1:
         raise ValueError("MBGMV takes one token per request (use MBGMM for prefill)")
     if split_k is not None and split_k < 1:
         raise ValueError(f"split_k must be >= 1, got {split_k}")
+    if n_proj < 1 or not 0 <= proj <= 4 - n_proj:
+        raise ValueError(f"projections {proj}..{proj + n_proj - 1} outside 0..3")
     R = _pow2(t.max_rank)
     if t.n_seg == 0:
-        return torch.zeros(1, x.shape[0], R, dtype=torch.float32, device=x.device)
+        v = torch.zeros(n_proj, 1, x.shape[0], R, dtype=torch.float32, device=x.device)
+        return v if n_proj > 1 else v[0]
     block_j = block_j or MBGMV_SHRINK["block_j"]
     K = x.shape[1]
     block_k = min(_pow2(K), block_k or (128 if INTERPRET else MBGMV_SHRINK["block_k"]))
     k_tiles = triton.cdiv(K, block_k)
     if split_k is None:
-        split_k = mbgmv_split(t.n_seg, triton.cdiv(R, block_j), k_tiles, x.device)
+        split_k = mbgmv_split(t.n_seg * n_proj, triton.cdiv(R, block_j), k_tiles, x.device)
     split_k = min(split_k, k_tiles)
     k_per_split = triton.cdiv(k_tiles, split_k) * block_k
     split_k = triton.cdiv(K, k_per_split)
-    v = torch.empty(split_k, x.shape[0], R, dtype=torch.float32, device=x.device)
-    grid = (t.n_seg, triton.cdiv(R, block_j), split_k)
+    v = torch.empty(n_proj, split_k, x.shape[0], R, dtype=torch.float32, device=x.device)
+    grid = (t.n_seg, triton.cdiv(R, block_j), split_k * n_proj)
     with _launch():
-        _mbgmv_shrink_kernel[grid](x, wa, v, t.table, t.n_seg, K, proj, k_per_split, x.stride(0), x.stride(1),
-                                   wa.stride(0), wa.stride(1), v.stride(0), v.stride(1), v.stride(2),
-                                   BLOCK_J=block_j, BLOCK_K=block_k,
+        _mbgmv_shrink_kernel[grid](x, wa, v, t.table, t.n_seg, K, proj, k_per_split, split_k, x.stride(0),
+                                   x.stride(1), wa.stride(0), wa.stride(1), v.stride(0), v.stride(1), v.stride(2),
+                                   v.stride(3), BLOCK_J=block_j, BLOCK_K=block_k,
                                    num_warps=num_warps or MBGMV_SHRINK["num_warps"])
-    return v
+    return v if n_proj > 1 else v[0]
 
 
 def mbgmv_expand(y: torch.Tensor | None, v: torch.Tensor, wb: torch.Tensor, t: PoolTables, proj: int, *,
@@ -378,24 +390,32 @@ def mbgmv_expand(y: torch.Tensor | None, v: torch.Tensor, wb: torch.Tensor, t: P
                  ) -> torch.Tensor:
     """``y[t] += scale · v[t, :r] @ B`` (``v [N, R]`` or the shrink's split planes ``[split, N, R]``,
     summed here). ``y=None``: a new ``y`` that holds only the LoRA term (stored, no zero fill, when every
-    token row is one request's; else zero-filled first)."""
+    token row is one request's; else zero-filled first). Several projections (``v [n_proj, split, N,
+    R]`` from ``mbgmv_shrink(..., n_proj=n)``): ``y [n_proj, N, H]``, projections ``proj ..``."""
     if v.dim() == 2:
         v = v.unsqueeze(0)
+    multi = v.dim() == 4
+    v4 = v if multi else v.unsqueeze(0)
+    n_proj = v4.shape[0]
     accum = y is not None
+    shape = (n_proj, t.n_rows, wb.shape[1]) if multi else (t.n_rows, wb.shape[1])
     if y is None:
         alloc = torch.empty if t.rows_once() else torch.zeros
-        y = alloc(t.n_rows, wb.shape[1], dtype=wb.dtype, device=wb.device)
+        y = alloc(shape, dtype=wb.dtype, device=wb.device)
+    elif tuple(y.shape) != shape:
+        raise ValueError(f"y is {tuple(y.shape)}, expected {shape}")
     if t.n_seg == 0:
         return y
+    y3 = y if multi else y.unsqueeze(0)
     N = wb.shape[1]
     block_n = min(_pow2(N), block_n or (128 if INTERPRET else MBGMV_EXPAND["block_n"]))
     block_r = block_r or MBGMV_EXPAND["block_r"]
-    grid = (t.n_seg, triton.cdiv(N, block_n))
+    grid = (t.n_seg, triton.cdiv(N, block_n), n_proj)
     with _launch():
-        _mbgmv_expand_kernel[grid](v, wb, y, t.table, t.scale, t.n_seg, N, proj, v.shape[0],
-                                   v.stride(0), v.stride(1), v.stride(2), wb.stride(0), wb.stride(1),
-                                   y.stride(0), y.stride(1), BLOCK_R=block_r, BLOCK_N=block_n, ACCUM=accum,
-                                   num_warps=num_warps or MBGMV_EXPAND["num_warps"])
+        _mbgmv_expand_kernel[grid](v4, wb, y3, t.table, t.scale, t.n_seg, N, proj, v4.shape[1],
+                                   v4.stride(0), v4.stride(1), v4.stride(2), v4.stride(3), wb.stride(0),
+                                   wb.stride(1), y3.stride(0), y3.stride(1), y3.stride(2), BLOCK_R=block_r,
+                                   BLOCK_N=block_n, ACCUM=accum, num_warps=num_warps or MBGMV_EXPAND["num_warps"])
     return y
 
 
@@ -408,11 +428,12 @@ def lora_mbgmm(x: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor, t: PoolTable
 
 
 def lora_mbgmv(x: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor, t: PoolTables, proj: int,
-               y: torch.Tensor | None = None) -> torch.Tensor:
+               y: torch.Tensor | None = None, *, n_proj: int = 1) -> torch.Tensor:
     """MBGMV: the decode case (one token per request). Two launches: the split-K shrink into per-split
-    planes, the expand (which adds them) storing ``y`` or, when given, adding into it."""
-    v = mbgmv_shrink(x, wa, t, proj)
-    return mbgmv_expand(y, v, wb, t, proj)
+    planes, the expand (which adds them) storing ``y`` or, when given, adding into it. ``n_proj > 1``:
+    projections ``proj .. proj + n_proj - 1`` of the same ``x`` (q, k, v) in the same two launches,
+    ``y [n_proj, N, H]``."""
+    return mbgmv_expand(y, mbgmv_shrink(x, wa, t, proj, n_proj=n_proj), wb, t, proj)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -492,11 +513,17 @@ def lora_padded_bmm_rows(x: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor, id
     ``x [B, H]`` one token per row; ``idx [B, R]`` (int64) the pool slots of each row's adapter rows for
     this projection, padded to the batch's largest rank ``R`` with a slot that holds zeros; ``scale [B]``.
     The rows are copied into contiguous padded tensors ``[B, R, H]`` (``Σ 2·H·R`` elements per
-    projection, whatever each row's rank), then two ``torch.bmm``."""
-    A = wa[idx]                                                                   # [B, R, H] padded copy
-    Bw = wb[idx]                                                                  # [B, R, H]
-    v = torch.bmm(x.unsqueeze(1), A.transpose(1, 2))                              # [B, 1, R]
-    out = torch.bmm(v, Bw).squeeze(1) * scale.to(x.dtype)[:, None]                # [B, H]
+    projection, whatever each row's rank), then two ``torch.bmm``. ``idx [P, B, R]``: ``P`` projections
+    of the same ``x`` (q, k, v) in one gather and one pair of ``bmm`` over ``P·B``; returns ``[P, B, H]``."""
+    multi = idx.dim() == 3
+    idx3 = idx if multi else idx.unsqueeze(0)
+    P, B, R = idx3.shape
+    A = wa[idx3.reshape(P * B, R)]                                                # [P·B, R, H] padded copy
+    Bw = wb[idx3.reshape(P * B, R)]                                               # [P·B, R, H]
+    xs = x.unsqueeze(0).expand(P, B, x.shape[1]).reshape(P * B, 1, x.shape[1])
+    v = torch.bmm(xs, A.transpose(1, 2))                                          # [P·B, 1, R]
+    out = (torch.bmm(v, Bw).view(P, B, -1) * scale.to(x.dtype)[None, :, None])    # [P, B, H]
+    out = out if multi else out[0]
     return out if y is None else y.add_(out)
 
 
