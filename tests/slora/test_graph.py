@@ -70,3 +70,16 @@ def test_padded_bmm_rows_equals_reference():
             idx[b, :r] = torch.from_numpy(t.rows_of(b, p))
         y = lora_padded_bmm_rows(x, wa, wb, idx, torch.tensor([0.5, 1.0, 2.0]))
         assert torch.allclose(y, mbgmm_ref(x, wa, wb, t, p), atol=1e-5)
+
+
+def test_captured_forward_records_no_autograd(setup):
+    # the decode step captured up front (outside the engine's no-grad step) must not build an autograd
+    # graph: with the model's parameters requiring grad it would keep every intermediate alive
+    model, ads = setup
+    eng = SLoRAEngine(model, "bmm", pool_slots=600, adapter_region=96, max_batch_size=6, policy="vllm",
+                      decode_graphs=True, max_context=32, context_bucket=16, use_graphs=False)
+    eng.add_adapters(ads)
+    assert any(p.requires_grad for p in model.parameters())
+    st = eng.graphs._step_for((8, 16, 8))
+    out = eng.graphs._forward(st)
+    assert out.grad_fn is None and not out.requires_grad

@@ -149,6 +149,7 @@ class LoRADecodeGraphs:
         return st
 
     # forward ------------------------------------------------------------------------------------
+    @torch.no_grad()   # captures run outside the engine's step: no autograd record may keep activations alive
     def _forward(self, st: _StaticStep) -> torch.Tensor:
         eng = self.engine
         ctx, backend = eng.lora, eng.backend
