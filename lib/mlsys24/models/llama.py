@@ -68,6 +68,11 @@ class RMSNorm(nn.Module):
         self.out_index: torch.Tensor | None = None  # optional output-channel permutation
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (x.is_cuda and self.out_index is None and self.weight.dtype == x.dtype
+                and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))):
+            from ..kernels.norm import rmsnorm  # one launch, the same rounding as below
+
+            return rmsnorm(x, self.weight, self.eps)
         dtype = x.dtype
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -119,6 +124,11 @@ class RotaryEmbedding(nn.Module):
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate ``x [B, T, heads, d]`` (rotate-half pairing) by angles ``cos, sin [B, T, d/2]``."""
     d2 = x.shape[-1] // 2
+    if (x.is_cuda and x.shape[-1] % 2 == 0 and d2 & (d2 - 1) == 0
+            and not (torch.is_grad_enabled() and x.requires_grad)):
+        from ..kernels.norm import rope  # one launch, the same float32 rotation as below
+
+        return rope(x, cos, sin)
     xf = x.float()
     x1, x2 = xf[..., :d2], xf[..., d2:]
     c, s = cos[:, :, None, :], sin[:, :, None, :]

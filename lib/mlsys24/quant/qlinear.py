@@ -281,10 +281,11 @@ class FusedDecoder:
         return torch.mm(x, w.t(), out=out)
 
     def _norm(self, w, add: bool):
-        from .w4a16 import _add_rmsnorm_kernel, triton
+        from ..kernels.norm import add_rmsnorm_kernel
+        from .w4a16 import triton
 
         d = self.cfg.d_model
-        _add_rmsnorm_kernel[(1,)](self.h, self.delta, w, self.a, d, self.eps, HAS_ADD=add,
+        add_rmsnorm_kernel[(1,)](self.h, self.delta, w, self.a, d, self.eps, HAS_ADD=add,
                                   BLOCK=triton.next_power_of_2(d), num_warps=8 if d >= 2048 else 4)
 
     def set_inputs(self, token, pos: int) -> None:

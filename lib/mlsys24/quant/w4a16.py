@@ -736,23 +736,6 @@ def w4a16_gemv_ref(x: torch.Tensor, qweight_t: torch.Tensor, scales_t: torch.Ten
 
 
 @triton.jit
-def _add_rmsnorm_kernel(h_ptr, d_ptr, w_ptr, out_ptr, D, eps, HAS_ADD: tl.constexpr, BLOCK: tl.constexpr):
-    # h [D] (updated in place: h += d), out [D] = w * rmsnorm(h), one program per row
-    row = tl.program_id(0)
-    offs = tl.arange(0, BLOCK)
-    mask = offs < D
-    h = tl.load(h_ptr + row * D + offs, mask=mask, other=0.0)
-    if HAS_ADD:
-        h = (h.to(tl.float32) + tl.load(d_ptr + row * D + offs, mask=mask, other=0.0).to(tl.float32)).to(h.dtype)
-        tl.store(h_ptr + row * D + offs, h, mask=mask)
-    xf = h.to(tl.float32)
-    r = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=0) / D + eps)
-    w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    y = (xf * r).to(h.dtype).to(tl.float32) * w
-    tl.store(out_ptr + row * D + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
 def _rope_kv_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, q_ptr, k_ptr, v_ptr, H, HKV, stride_ct, stride_ch,
                     HALF: tl.constexpr):
     # qkv [H*D + 2*HKV*D]; program i < H: rotate query head i into q [H, D]; else rotate key head
