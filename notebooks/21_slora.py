@@ -605,8 +605,10 @@ if RES is not None and KERN:
 # partial sums, its expand walks the rank in 16-row chunks, q/k/v share one launch pair, tile shapes chosen
 # in the run); the rest of the step (base layers, attention, one launch each for RMSNorm and RoPE) is the
 # same for both. The older H200 file (one launch pair per projection, RMSNorm and RoPE in PyTorch
-# elementwise kernels) gives 0.94, 16.8x and 1.38x: there the shared part of the step was ~2 ms longer,
-# which is what diluted the gap. S-LoRA's throughput falls little with the number of adapters: adapters are
+# elementwise kernels) gives 0.94, 16.8x and 1.38x. On the H100, an earlier complete run with q/k/v
+# sharing but RMSNorm and RoPE still in PyTorch (the JSON this one replaced, in the repository's history)
+# had decode steps of 13.66 vs 18.40 ms and 1.49x: the one-launch RMSNorm and RoPE took ~2 ms off the part
+# of the step both systems share, which is what had diluted the gap. S-LoRA's throughput falls little with the number of adapters: adapters are
 # paged in on demand and MBGMV reads only each request's own rank; PEFT-style batching (one adapter per
 # batch) is an order of magnitude slower, as in the paper. In the paper's ablation padded BMM collapses
 # once adapters differ (A100-80, S2: 7.76 → 0.26 req/s from n = 1 to 200); ours gathers and pads inside one

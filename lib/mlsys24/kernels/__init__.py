@@ -1,7 +1,8 @@
 """Kernels shared by the papers: decode attention (split-KV, sync and unified-max async), flat GEMM,
-GEMV and the heuristic GEMM dispatcher (FlashDecoding++).
+GEMV and the heuristic GEMM dispatcher (FlashDecoding++), and the RMSNorm / RoPE row kernels the model
+takes on a GPU.
 
-Submodules (``decode_attention``, ``flat_gemm``, ``dispatch``) import Triton; this package does not
+Submodules (``decode_attention``, ``flat_gemm``, ``dispatch``, ``norm``) import Triton; this package does not
 import them, so ``import mlsys24.kernels`` stays cheap. Under ``TRITON_INTERPRET=1`` (CPU) it also applies a small
 compatibility fix to Triton's interpreter (see :func:`_interpreter_numpy_compat`).
 """

@@ -84,7 +84,6 @@ def _jit_variants() -> int | None:
     """Compiled variants of the step's Triton kernels so far (a compile inside a timed window shows here)."""
     try:
         from ..kernels import decode_attention as da
-        from . import mbgmv as mb
 
         fns = [da._split_kv_sync_kernel, da._split_kv_combine_kernel, mb._mbgmv_shrink_kernel, mb._mbgmv_expand_kernel,
                mb._mbgmm_shrink_kernel, mb._mbgmm_expand_kernel]
