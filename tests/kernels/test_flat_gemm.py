@@ -69,6 +69,19 @@ def test_split_k_matches_reference_and_is_deterministic(split_k, M):
         assert torch.equal(g1, gemv(x, w, config=gcfg))
 
 
+def test_split_k_fixup_in_several_vector_loads():
+    # a 16 x 128 tile with 4 warps sums its partials two at a time (fix-up chunk 2): 5 splits take
+    # three loads, the last one half masked
+    from mlsys24.kernels.flat_gemm import _fixup_chunk
+
+    assert _fixup_chunk(5, 16 * 128, 4) == 2 and _fixup_chunk(5, 16 * 32, 4) == 8 and _fixup_chunk(3, 64 * 128, 4) == 1
+    x, w = _xw(3, 320, 150, torch.float16)
+    cfg = GemmConfig(block_m=16, block_n=128, block_k=32, split_k=5)
+    y1 = flat_gemm(x, w, config=cfg)
+    _check(y1, x, w)
+    assert torch.equal(y1, flat_gemm(x, w, config=cfg))
+
+
 def test_split_k_more_splits_than_k_steps():
     # split_k beyond the number of BLOCK_K steps collapses to one chunk per step (no empty program)
     x, w = _xw(3, 64, 40, torch.float32)

@@ -216,3 +216,36 @@ def test_gemv_half2_matches_reference(M, N, K, G, split_k, quad, prefetch):
     ref = w4a16_ref(x, p["qweight"], p["qzeros"], p["scales"], N)
     err = ((y.float() - ref).abs().max() / ref.abs().max().clamp_min(1.0)).item()
     assert err <= 3e-3, f"relative error {err:.3g}"   # fp16 partial sums of 8 products, then fp32
+
+
+@pytest.mark.parametrize("prefetch", [False, True])
+def test_gemv_pdl_chain_of_dependent_calls(prefetch):
+    # programmatic dependent launch: each GEMV may start (and read its weights) before the previous one
+    # ends, but reads x -- the previous output -- only after it; a chain y_i = W_i y_{i-1} must equal the
+    # reference, eagerly and replayed from a CUDA graph (on a CPU the flag is accepted and has no effect)
+    N = K = 256
+    G = 64
+    cfg = GemvConfig(block_n=32, unroll=2, split_k=4, prefetch=prefetch, pdl=True,
+                     half2=torch.cuda.is_available(), quad=torch.cuda.is_available())
+    x, _, _ = _gemv_case(1, N, K, G, torch.float16, seed=3)
+    layers = [_gemv_case(1, N, K, G, torch.float16, seed=20 + i)[2] for i in range(3)]
+
+    def chain(x0):
+        y = x0
+        for t in layers:
+            y = w4a16_gemv(y, **t, config=cfg) * 0.05      # keep the activations in fp16's range
+        return y
+
+    ref = x.float()
+    for t in layers:
+        ref = (w4a16_gemv_ref(ref, **t) * 0.05).half().float()
+    y = chain(x)
+    assert ((y.float() - ref).abs().max() / ref.abs().max()).item() <= 1e-2
+    if torch.cuda.is_available():
+        from mlsys24.bench import CUDAGraphed
+
+        g = CUDAGraphed(lambda: chain(x))
+        for _ in range(3):
+            g.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(g.out, y)

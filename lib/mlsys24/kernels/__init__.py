@@ -13,7 +13,16 @@ import contextlib
 import dataclasses
 import os
 
-__all__ = ["no_overflow_checks"]   # kernels: import from the submodules (decode_attention, flat_gemm, dispatch)
+__all__ = ["no_overflow_checks", "pdl_supported"]   # kernels: import from the submodules (decode_attention, flat_gemm, dispatch)
+
+
+def pdl_supported(device) -> bool:
+    """Whether kernels on ``device`` can use programmatic dependent launch (``launch_pdl=True`` with
+    ``tl.extra.cuda.gdc_*``): a CUDA GPU of compute capability 9.0 or newer, not the CPU interpreter."""
+    import torch
+
+    return (os.environ.get("TRITON_INTERPRET") != "1" and getattr(device, "type", None) == "cuda"
+            and torch.cuda.get_device_capability(device)[0] >= 9)
 
 
 @contextlib.contextmanager

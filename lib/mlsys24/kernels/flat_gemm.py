@@ -71,10 +71,11 @@ def default_gemv_config(M: int, N: int, K: int) -> GemmConfig:
 
 @triton.jit
 def _store_tile(acc, y_ptr, ws_ptr, cnt_ptr, offs_m, offs_n, M, N, stride_ym, stride_yn, tile_id, pid_k, n_split,
-                SPLIT: tl.constexpr):
+                SPLIT: tl.constexpr, CHUNK: tl.constexpr = 1):
     """Write the fp32 tile ``acc`` [BM, BN] of y, directly (not SPLIT) or through the split-K workspace
-    (``n_split`` chunks): partial store, ticket, and the last program of the tile sums the partials in
-    order."""
+    (``n_split`` chunks): partial store, ticket, and the last program of the tile sums the partials,
+    CHUNK of them per vector load (a power of two; one L2 round trip per CHUNK partials on the
+    critical path instead of one per partial), in a fixed order: deterministic."""
     mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
     y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
     if not SPLIT:
@@ -86,8 +87,13 @@ def _store_tile(acc, y_ptr, ws_ptr, cnt_ptr, offs_m, offs_n, M, N, stride_ym, st
         ticket = tl.atomic_add(cnt_ptr + tile_id, 1, sem="acq_rel")
         if ticket == n_split - 1:
             tot = tl.zeros_like(acc)
-            for s in range(0, n_split):                      # fixed order: the result is deterministic
-                tot += tl.load(ws + s * M * N, mask=mask, other=0.0, cache_modifier=".cg")
+            sc = tl.arange(0, CHUNK)
+            for s0 in range(0, n_split, CHUNK):
+                s = s0 + sc
+                parts = tl.load(ws[None, :, :] + (s * M * N)[:, None, None],
+                                mask=(s < n_split)[:, None, None] & mask[None, :, :], other=0.0,
+                                cache_modifier=".cg")
+                tot += tl.sum(parts, axis=0)
             tl.store(y_ptrs, tot.to(y_ptr.dtype.element_ty), mask=mask)
             tl.store(cnt_ptr + tile_id, 0)                   # ready for the next call
 
@@ -96,7 +102,7 @@ def _store_tile(acc, y_ptr, ws_ptr, cnt_ptr, offs_m, offs_n, M, N, stride_ym, st
 def _flat_gemm_kernel(x_ptr, w_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, k_chunk,
                       stride_xm, stride_xk, stride_wk, stride_wn, stride_ym, stride_yn,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                      SPLIT: tl.constexpr, DOT_IEEE: tl.constexpr):
+                      SPLIT: tl.constexpr, DOT_IEEE: tl.constexpr, CHUNK: tl.constexpr = 1):
     """One program: a [BLOCK_M, BLOCK_N] tile of y over the K chunk ``[pid_k * k_chunk, + k_chunk)``
     (all of K without SPLIT), pipelined over BLOCK_K steps. Program id 0 runs over M tiles so that
     programs sharing a weight tile run together."""
@@ -125,13 +131,14 @@ def _flat_gemm_kernel(x_ptr, w_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, k_chunk,
         x_ptrs += BLOCK_K * stride_xk
         w_ptrs += BLOCK_K * stride_wk
     _store_tile(acc, y_ptr, ws_ptr, cnt_ptr, offs_m, offs_n, M, N, stride_ym, stride_yn,
-                pid_m * tl.num_programs(1) + pid_n, pid_k, tl.num_programs(2), SPLIT)
+                pid_m * tl.num_programs(1) + pid_n, pid_k, tl.num_programs(2), SPLIT, CHUNK)
 
 
 @triton.jit(do_not_specialize=["M"])
 def _gemv_kernel(x_ptr, w_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, k_chunk,
                  stride_xm, stride_xk, stride_wk, stride_wn, stride_ym, stride_yn,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr):
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr,
+                 CHUNK: tl.constexpr = 1):
     """GEMV on CUDA cores for M <= BLOCK_M (1, 2 or 4 rows): acc[m, n, k] += x[m, k] * w[k, n] across
     the K chunk of this program, one reduction over k at the end (no cross-thread reduction inside
     the loop); the weight tile is read as [BLOCK_N, BLOCK_K] rows, contiguous along K for
@@ -158,7 +165,7 @@ def _gemv_kernel(x_ptr, w_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, k_chunk,
         w_ptrs += BLOCK_K * stride_wk
     y = tl.sum(acc, axis=2)                                                           # [BM, BN]
     _store_tile(y, y_ptr, ws_ptr, cnt_ptr, offs_m, offs_n, M, N, stride_ym, stride_yn, pid_n, pid_k,
-                tl.num_programs(1), SPLIT)
+                tl.num_programs(1), SPLIT, CHUNK)
 
 
 def _check(x: torch.Tensor, w: torch.Tensor) -> tuple[int, int, int]:
@@ -181,6 +188,13 @@ def _splitk_plan(K: int, block_k: int, split_k: int) -> tuple[int, int]:
     split_k = max(1, int(split_k))
     k_chunk = triton.cdiv(triton.cdiv(K, split_k), block_k) * block_k
     return triton.cdiv(K, k_chunk), k_chunk
+
+
+def _fixup_chunk(split_k: int, tile_elems: int, num_warps: int) -> int:
+    """Partials summed per vector load in the split-K fix-up: all of them when they fit in ~32 fp32
+    registers per thread, else the largest power of two that does."""
+    fit = max(1, (32 * 32 * num_warps) // tile_elems)
+    return max(1, min(triton.next_power_of_2(split_k), 1 << (fit.bit_length() - 1)))
 
 
 def _splitk_buffers(device: torch.device, split_k: int, M: int, N: int, tiles: int):
@@ -217,6 +231,7 @@ def flat_gemm(x: torch.Tensor, w: torch.Tensor, *, config: GemmConfig | None = N
     _flat_gemm_kernel[grid](x, w, y, ws, cnt, M, N, K, k_chunk, x.stride(0), x.stride(1), w.stride(0), w.stride(1),
                             y.stride(0), y.stride(1), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
                             BLOCK_K=cfg.block_k, SPLIT=split_k > 1, DOT_IEEE=x.dtype == torch.float32,
+                            CHUNK=_fixup_chunk(split_k, cfg.block_m * cfg.block_n, cfg.num_warps),
                             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return y
 
@@ -236,5 +251,7 @@ def gemv(x: torch.Tensor, w: torch.Tensor, *, config: GemmConfig | None = None,
     ws, cnt = _splitk_buffers(x.device, split_k, M, N, grid[0])
     _gemv_kernel[grid](x, w, y, ws, cnt, M, N, K, k_chunk, x.stride(0), x.stride(1), w.stride(0), w.stride(1),
                        y.stride(0), y.stride(1), BLOCK_M=triton.next_power_of_2(M), BLOCK_N=cfg.block_n,
-                       BLOCK_K=cfg.block_k, SPLIT=split_k > 1, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                       BLOCK_K=cfg.block_k, SPLIT=split_k > 1,
+                       CHUNK=_fixup_chunk(split_k, triton.next_power_of_2(M) * cfg.block_n, cfg.num_warps),
+                       num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return y

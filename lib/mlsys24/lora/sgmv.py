@@ -64,6 +64,7 @@ import triton.language as tl
 import triton.language.extra.cuda  # noqa: F401  (tl.extra.cuda.gdc_*: programmatic dependent launch)
 
 from mlsys24.kernels import no_overflow_checks as _launch  # also: the CPU interpreter fixes (no-op on GPU)
+from mlsys24.kernels import pdl_supported
 
 __all__ = [
     "Segments", "SGMVConfig", "sgmv_config", "sgmv_configs", "set_sgmv_configs", "segments_from_slots", "segments_from_indptr",
@@ -588,11 +589,6 @@ def sgmv_config(K: int, N: int, R: int, capacity: int) -> SGMVConfig:
     return min(entries, key=lambda e: abs(math.log2(max(1, e[0])) - math.log2(max(1, capacity))))[1]
 
 
-def _pdl_ok(device: torch.device) -> bool:
-    return (not INTERPRET and device.type == "cuda"
-            and torch.cuda.get_device_capability(device)[0] >= 9)
-
-
 def _n_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
 
@@ -777,7 +773,7 @@ def lora_sgmv(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: torch.Te
         return y
     cfg = config or sgmv_config(K, H, R, seg.capacity)
     bk, n_splits, per = _shrink_split(K, R, seg.block_m, seg.capacity, x.device, cfg, split_k)
-    pdl = cfg.pdl and _pdl_ok(x.device)
+    pdl = cfg.pdl and pdl_supported(x.device)
     counters = _arrival_counters(x.device, seg.capacity) if cfg.reduce == "serial" and n_splits > 1 else None
     if cfg.reduce == "atomic" and n_splits > 1:
         v = torch.zeros(N, R, dtype=torch.float32, device=x.device)

@@ -50,14 +50,13 @@ import os
 from dataclasses import asdict, dataclass
 
 import torch
-
-from .pack import dequantize_awq
-
-if os.environ.get("TRITON_INTERPRET") == "1":
-    import mlsys24.kernels  # noqa: F401  (Triton interpreter fixes: bf16 tl.dot, numpy>=2.4 indices)
-
 import triton
 import triton.language as tl
+import triton.language.extra.cuda  # noqa: F401  (tl.extra.cuda.gdc_*: programmatic dependent launch)
+
+from mlsys24.kernels import pdl_supported  # (under TRITON_INTERPRET=1 also the interpreter fixes)
+
+from .pack import dequantize_awq
 
 __all__ = ["W4A16Config", "w4a16_gemm", "w4a16_ref", "default_config", "weight_bytes", "GemvConfig",
            "default_gemv_config", "GEMV_TABLE_M1", "w4a16_gemv", "w4a16_gemv_ref"]
@@ -399,6 +398,9 @@ class GemvConfig:
     prefetch: bool = False  # half2, unroll 1 or 2: load the next step's weights before computing this one
     quad: bool = False      # half2: sum 4 words (32 products) in fp16x2 before converting (G >= 32); the
     #                         partial sums must stay below fp16's 65504: |x| * 15 * 16 < 65504, |x| < 270
+    pdl: bool = False       # programmatic dependent launch (Hopper+): the launch may start while the previous
+    #                         kernel finishes; it reads its (static) weights first and waits for that kernel
+    #                         before reading x or touching y and the split-K workspace
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -538,7 +540,8 @@ def _w4a16_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, part_ptr, cnt_ptr, M,
                        SPLIT, stride_xm, stride_ym, stride_qn, stride_qg, stride_sn, stride_sg, stride_zn, stride_zg,
                        G: tl.constexpr, BLOCK_N: tl.constexpr, UNROLL: tl.constexpr, MB: tl.constexpr,
                        USE_SPLIT: tl.constexpr, HALF2: tl.constexpr, EVEN_K: tl.constexpr, M_FAST: tl.constexpr,
-                       EVEN: tl.constexpr = False, PREFETCH: tl.constexpr = False):
+                       EVEN: tl.constexpr = False, PREFETCH: tl.constexpr = False, SPLIT_P2: tl.constexpr = 1,
+                       PDL: tl.constexpr = False):
     # grid (row tiles, splits, row blocks), or with M_FAST (rows, row tiles, splits): the programs of
     # one weight tile for the M rows then run together and share it through L2
     W: tl.constexpr = G // 8
@@ -564,6 +567,9 @@ def _w4a16_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, part_ptr, cnt_ptr, M,
         acc = tl.zeros((MB, BLOCK_N, W), dtype=tl.float32)
     g0 = pid_k * groups_per_split
     g1 = tl.minimum(g0 + groups_per_split, n_groups)
+    if PDL:
+        # the next kernel in the stream may launch once every program of this one has started
+        tl.extra.cuda.gdc_launch_dependents()
     if PREFETCH:
         # software pipeline in registers: the weights of step i + 1 are requested before step i is
         # computed, so every program keeps a step's bytes in flight while it computes (past the
@@ -573,6 +579,9 @@ def _w4a16_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, part_ptr, cnt_ptr, M,
         if UNROLL == 2:
             qb, sb, zb = _gemv_load(qw_ptr, s_ptr, z_ptr, tl.minimum(g0 + 1, g1 - 1), g1, offs_n, n_mask, offs_c,
                                     stride_qn, stride_qg, stride_sn, stride_sg, stride_zn, stride_zg, EVEN)
+        if PDL:
+            # the first step's weights are in flight; x (the previous kernel's output) only after it ends
+            tl.extra.cuda.gdc_wait()
         for g in range(g0, g1, UNROLL):
             gn = tl.minimum(g + UNROLL, g1 - 1)
             qa2, sa2, za2 = _gemv_load(qw_ptr, s_ptr, z_ptr, gn, g1, offs_n, n_mask, offs_c, stride_qn, stride_qg,
@@ -589,6 +598,8 @@ def _w4a16_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, part_ptr, cnt_ptr, M,
                 qb, sb, zb = qb2, sb2, zb2
             qa, sa, za = qa2, sa2, za2
     else:
+        if PDL:
+            tl.extra.cuda.gdc_wait()
         for g in range(g0, g1, UNROLL):
             for u in tl.static_range(UNROLL):
                 qw, s, z = _gemv_load(qw_ptr, s_ptr, z_ptr, g + u, g1, offs_n, n_mask, offs_c, stride_qn, stride_qg,
@@ -615,10 +626,17 @@ def _w4a16_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, part_ptr, cnt_ptr, M,
         tl.debug_barrier()
         ticket = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel")
         if ticket == SPLIT - 1:
+            # all SPLIT partial tiles in one vector load (one L2 round trip on the critical path,
+            # not one per split), summed in a fixed tree order: deterministic
             tl.debug_barrier()
-            tot = tl.zeros(y.shape, dtype=tl.float32)
-            for sp in range(SPLIT):
-                tot += tl.load(part_ptr + (tile * SPLIT + sp) * (MB * BLOCK_N) + p_offs, cache_modifier=".cg")
+            sp = tl.arange(0, SPLIT_P2)
+            if MB == 1:
+                parts = tl.load(part_ptr + (tile * SPLIT + sp[:, None]) * BLOCK_N + p_offs[None, :],
+                                mask=(sp < SPLIT)[:, None], other=0.0, cache_modifier=".cg")
+            else:
+                parts = tl.load(part_ptr + (tile * SPLIT + sp[:, None, None]) * (MB * BLOCK_N) + p_offs[None, :, :],
+                                mask=(sp < SPLIT)[:, None, None], other=0.0, cache_modifier=".cg")
+            tot = tl.sum(parts, axis=0)
             tl.store(y_ptrs, tot.to(y_ptr.dtype.element_ty), mask=y_mask)
             tl.atomic_xchg(cnt_ptr + tile, 0)
 
@@ -706,6 +724,8 @@ def w4a16_gemv(x: torch.Tensor, qweight_t: torch.Tensor, scales_t: torch.Tensor,
         cnt, part = _gemv_workspace(x.device, n_tiles, n_tiles * split * MB * cfg.block_n)
     else:
         cnt = part = y   # unused
+    pdl = cfg.pdl and pdl_supported(x.device)
+    launch = {"launch_pdl": True} if pdl else {}
     _w4a16_gemv_kernel[grid](
         x2, qweight_t, scales_t, zeros_t, y, part, cnt, M, N, K, n_groups, per, split,
         x2.stride(0), y.stride(0), qweight_t.stride(0), stride_qg, scales_t.stride(0), scales_t.stride(1),
@@ -714,7 +734,9 @@ def w4a16_gemv(x: torch.Tensor, qweight_t: torch.Tensor, scales_t: torch.Tensor,
         EVEN_K=K % G == 0, M_FAST=half2,
         EVEN=K % G == 0 and N % cfg.block_n == 0 and split * per == n_groups,
         PREFETCH=cfg.prefetch and cfg.unroll <= 2,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        # one row: a fixed 32-slot fix-up load (masked), so split counts up to 32 share one compiled kernel
+        SPLIT_P2=max(32, triton.next_power_of_2(split)) if MB == 1 else triton.next_power_of_2(split),
+        PDL=pdl, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch,
     )
     if bias is not None:
         y = y + bias.to(y.dtype)
