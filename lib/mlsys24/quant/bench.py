@@ -77,6 +77,7 @@ GEMV_LAYOUTS = ("row", "group")
 GEMV_GRID_MB = [(32, 2, 4, 1, False, False, False), (64, 2, 4, 1, True, False, False),
                 (64, 2, 4, 1, True, True, True), (128, 2, 4, 1, True, True, True)]            # M = 2 .. 16
 CHAIN = 8   # back-to-back calls on distinct weight copies in one graph (the decode situation)
+PDL_TOP = 4   # single-call runners-up also tried in the PDL chain
 TC_EXTRA = [(16, 256, 64, True, 4, 4, 2), (64, 256, 64, True, 8, 3, 2), (128, 256, 64, True, 8, 3, 2)]
 TOL = 3e-3   # fp16 output: relative to max |ref| (the GEMV's zero point is stored as fp16 -z*s)
 
@@ -252,7 +253,7 @@ def _bench_m(name, L: _Layer, M, dev, dtype, repeats, tune_repeats, copy_GBps, d
     if eager and gpu:
         try:
             _extra_timings(name, L, x, M, N, K, kern, cfg, fn, wb, repeats, gpu, copy_GBps, recs, log, lay,
-                           t_ref, t)
+                           t_ref, t, tried=tried)
         except Exception as e:   # e.g. out of memory for the weight copies: recorded, not fatal
             recs.append({"shape": name, "M": M, "provider": "w4a16_extra",
                          "error": f"{type(e).__name__}: {str(e)[:200]}"})
@@ -269,7 +270,7 @@ def _log_layout_best(name, tried, log):
 
 
 def _extra_timings(name, L, x, M, N, K, kern, cfg, fn, wb, repeats, gpu, copy_GBps, recs, log, lay="row",
-                   t_ref=None, t_one=None):
+                   t_ref=None, t_one=None, tried=()):
     """Back-to-back and eager timings of the chosen configuration (M = 1 plan), and the bound a kernel
     reading its bytes at the measured copy rate would reach in either timing."""
     # CHAIN calls back to back in one graph, each on its own copy of the weights (cold in L2):
@@ -302,7 +303,7 @@ def _extra_timings(name, L, x, M, N, K, kern, cfg, fn, wb, repeats, gpu, copy_GB
         f"{t_chain.median_us:.1f} us ({tc_ref.median_s / t_chain.median_s:.2f}x; {wb / t_chain.median_s / 1e9:.0f} GB/s weights"
         + (f" = {100 * wb / t_chain.median_s / 1e9 / copy_GBps:.0f}% of copy)" if copy_GBps else ")"))
     if kern == "gemv" and gpu and pdl_supported(x.device):
-        _chain_pdl(name, L, x, M, N, K, cfg, lay, wb, repeats, copy_GBps, tc_ref, recs, log)
+        _chain_pdl(name, L, x, M, N, K, cfg, lay, wb, repeats, copy_GBps, tc_ref, recs, log, tried)
     te_ref = _time(lambda: F.linear(x, L.w16), repeats, gpu, graph=False)
     te = _time(fn, repeats, gpu, graph=False)
     recs.append(_rec(name, N, K, M, "cublas_fp16_eager", te_ref, N * K * 2, copy_GBps))
@@ -311,18 +312,27 @@ def _extra_timings(name, L, x, M, N, K, kern, cfg, fn, wb, repeats, gpu, copy_GB
     log(f"  {name} M={M} eager (with launch): cuBLAS {te_ref.median_us:.1f} us, W4A16 {te.median_us:.1f} us")
 
 
-def _chain_pdl(name, L, x, M, N, K, cfg, lay, wb, repeats, copy_GBps, tc_ref, recs, log):
+def _chain_pdl(name, L, x, M, N, K, cfg, lay, wb, repeats, copy_GBps, tc_ref, recs, log, tried=(),
+               n_top: int = PDL_TOP):
     """The back-to-back chain again with programmatic dependent launch: each GEMV may launch while the
-    previous one drains, stream its first weights and wait for it before reading x. The chosen
-    configuration with PDL, and with PDL plus the register prefetch (so that a whole step's weights
-    are in flight before the wait). Each output of the replayed graph is checked against the
-    reference."""
+    previous one drains, stream its first weights and wait for it before reading x. Candidates: the
+    chosen configuration and the next ``n_top`` fastest single-call configurations of its layout, each
+    with PDL, with and without the register prefetch (which puts a whole step's weights in flight
+    before the wait). Each output of the replayed graph is checked against the reference."""
     ref = w4a16_gemv_ref(x, **L.ts[lay]).float()
     scale = ref.abs().max().clamp_min(1e-6)
     ts = [L.ts[lay]] + [{k: v.clone() for k, v in L.ts[lay].items()} for _ in range(CHAIN - 1)]
-    variants = [dataclasses.replace(cfg, pdl=True)]
-    if not cfg.prefetch and cfg.unroll <= 2:
-        variants.append(dataclasses.replace(cfg, pdl=True, prefetch=True))
+    ranked = sorted((c for c in tried if c.get("layout") == lay and "median_us" in c and c.get("kernel") == "gemv"),
+                    key=lambda c: c["median_us"])
+    bases = [cfg] + [GemvConfig(**c["config"]) for c in ranked[:n_top + 1]]
+    variants: list[GemvConfig] = []
+    for b in bases:
+        for pf in (b.prefetch, not b.prefetch):
+            if pf and b.unroll > 2:
+                continue
+            v = dataclasses.replace(b, pdl=True, prefetch=pf)
+            if v not in variants:
+                variants.append(v)
     best = None
     for c in variants:
         try:
@@ -341,15 +351,32 @@ def _chain_pdl(name, L, x, M, N, K, cfg, lay, wb, repeats, copy_GBps, tc_ref, re
             recs.append({"shape": name, "M": M, "provider": "w4a16_chain_pdl", "config": c.as_dict(),
                          "error": f"{type(e).__name__}: {str(e)[:200]}"})
             continue
-        log(f"  {name} M={M} {CHAIN} back-to-back with PDL ({_cfg_str(c)}): {t.median_us:.1f} us "
+        log(f"  {name} M={M} {CHAIN} back-to-back with PDL ({_cfg_str(c)}): {t.median_us:.2f} us "
             f"({tc_ref.median_s / t.median_s:.2f}x cuBLAS chain; rel err {err:.1e})")
+        recs.append({"shape": name, "M": M, "provider": "w4a16_chain_pdl_candidate", "config": c.as_dict(),
+                     "layout": lay, "median_us": t.median_us, "rel_err": err})
         if best is None or t.median_s < best[0].median_s:
             best = (t, c, err)
     if best is not None:
-        t, c, err = best
+        # the winner timed again (a fresh graph), next to the cuBLAS chain timed again: the recorded ratio
+        # is not the minimum the selection picked
+        _, c, err = best
+        g = CUDAGraphed(lambda: [w4a16_gemv(x, **t, config=c) for t in ts])
+        t = _per_call(measure(g.replay, warmup=3, repeats=repeats), CHAIN)
+        del g
+        ws = [L.w16] + [L.w16.clone() for _ in range(CHAIN - 1)]
+        tc2 = _per_call(_time(lambda: [F.linear(x, w) for w in ws], repeats, True), CHAIN)
+        # and the issue's form, torch.matmul(x, W) with W stored [K, N], back to back
+        ws = [w.t().contiguous() for w in ws]
+        tkn = _per_call(_time(lambda: [torch.matmul(x, w) for w in ws], repeats, True), CHAIN)
+        del ws
+        base = min(tc2.median_s, tkn.median_s)
         recs.append(_rec(name, N, K, M, "w4a16_chain_pdl", t, wb, copy_GBps, kernel="gemv", layout=lay,
-                         config=c.as_dict(), chain=CHAIN, rel_err=err,
-                         speedup_vs_cublas=tc_ref.median_s / t.median_s))
+                         config=c.as_dict(), chain=CHAIN, rel_err=err, cublas_chain_us=tc2.median_us,
+                         matmul_kn_chain_us=tkn.median_us, speedup_vs_cublas=tc2.median_s / t.median_s,
+                         speedup_vs_matmul_kn=tkn.median_s / t.median_s, speedup_vs_best_fp16=base / t.median_s))
+        log(f"  {name} M={M} PDL chain re-timed: {t.median_us:.2f} us vs cuBLAS chains F.linear {tc2.median_us:.2f} us"
+            f" / matmul [K,N] {tkn.median_us:.2f} us = {base / t.median_s:.2f}x the faster ({_cfg_str(c)})")
 
 
 def _decode(dev, dtype, n_layers: int, repeats: int, best_gemv: dict, log, legacy: bool = True) -> list[dict]:
@@ -604,7 +631,9 @@ def _summary(recs, log) -> None:
                 line += f" chain {chr_['median_us']:.1f}/{ch['median_us']:.1f} = {ch['speedup_vs_cublas']:.2f}x"
             cp = _find(recs, r["shape"], 1, "w4a16_chain_pdl")
             if cp and chr_:
-                line += f", with PDL {cp['median_us']:.1f} = {cp['speedup_vs_cublas']:.2f}x"
+                line += (f", with PDL {cp['median_us']:.1f} = {cp['speedup_vs_cublas']:.2f}x"
+                         + (f" ({cp['speedup_vs_best_fp16']:.2f}x the faster fp16 chain)"
+                            if "speedup_vs_best_fp16" in cp else ""))
             kn = _find(recs, r["shape"], 1, "matmul_kn_fp16")
             if kn:
                 line += f" | matmul[K,N] {kn['median_us']:.1f} = {r['speedup_vs_matmul_kn']:.2f}x"
