@@ -16,9 +16,10 @@
 #     headline: 'Paper: Llama-2-7B WikiText-2 PPL FP16 5.47 -> AWQ INT4-g128 5.60, >3x
 #       decode speed-up. Ours (tiny Llama, CPython bytes): AWQ beats RTN at INT3 and
 #       INT4 (see the headline cell); our Triton W4A16 GEMV at M=1 on the 7B MLP shapes
-#       is 2.3-2.5x cuBLAS fp16 on an H100 and 2.0-2.1x on an H200 (not 3x), 86% / 77%
-#       of copy bandwidth on a 70B layer (3.5x / 3.15x cuBLAS); fused batch-1 decode
-#       of a 7B-shaped model 2.35x (H100) / 2.1x (H200) fp16 tokens/s (TinyChat 2.6-2.7x)'
+#       is 2.3-2.5x cuBLAS fp16 per call on an H100 (2.8-2.9x back to back with PDL
+#       against the faster fp16 form; not 3x) and 2.0-2.1x on an H200, 85% / 77% of
+#       copy bandwidth on a 70B layer (3.4x / 3.15x cuBLAS); fused batch-1 decode of
+#       a 7B-shaped model 2.4x (H100) / 2.1x (H200) fp16 tokens/s (TinyChat 2.6-2.7x)'
 #     paper: '07'
 #     slug: awq
 #     status: partial
@@ -594,6 +595,7 @@ else:
 
 # %%
 SPEEDUP_M1, CHAIN_M1, PCT_COPY_M1, DECODE, DECODE_MODULE, CROSSOVER, BOUND = {}, {}, {}, None, None, {}, {}
+SPEEDUP_KN_M1, PDL_M1 = {}, {}   # vs torch.matmul with W [K, N]; back-to-back with programmatic dependent launch
 if GPU_RES is not None:
     recs = [r for r in GPU_RES.records if r.get("provider") in ("w4a16", "cublas_fp16") and "median_us" in r]
     shapes = [s for s in ("qkvo", "gate_up", "down") if any(r["shape"] == s for r in recs)]
@@ -656,6 +658,23 @@ if GPU_RES is not None:
               f"{b.get('max_speedup_chain', float('nan')):11.2f}x  {r.get('layout', 'row')} "
               f"BN={cfg.get('block_n')} unroll={cfg.get('unroll')} split={cfg.get('split_k')} "
               f"warps={cfg.get('num_warps')} quad={cfg.get('quad', False)} prefetch={cfg.get('prefetch', False)}")
+    # the issue's baseline form, torch.matmul(x, W) with W stored [K, N], timed in the same run; and the
+    # back-to-back chains (8 calls on 8 weight copies in one graph, as in decode), ours with programmatic
+    # dependent launch (each GEMV streams its first weights while the previous one drains)
+    print(f"\n{'shape':13s} {'matmul[K,N] µs':>15} {'ours x':>7} | back-to-back per call: {'F.linear':>9} "
+          f"{'matmul[K,N]':>12} {'ours':>6} {'ours+PDL':>9} {'x (faster fp16)':>16}")
+    for s in shapes + ["mlp_70b"]:
+        r, kn, cp = _rec(s, 1, "w4a16"), _rec(s, 1, "matmul_kn_fp16"), _rec(s, 1, "w4a16_chain_pdl")
+        if r is None or kn is None:
+            continue
+        SPEEDUP_KN_M1[s] = kn["median_us"] / r["median_us"]
+        c = _rec(s, 1, "w4a16_chain")
+        if cp is not None and "matmul_kn_chain_us" in cp:
+            PDL_M1[s] = cp
+        print(f"{s:13s} {kn['median_us']:15.1f} {SPEEDUP_KN_M1[s]:6.2f}x | {'':22s}"
+              + (f"{cp['cublas_chain_us']:9.1f} {cp['matmul_kn_chain_us']:12.1f} "
+                 f"{c['median_us'] if c else float('nan'):6.1f} {cp['median_us']:9.1f} "
+                 f"{cp['speedup_vs_best_fp16']:15.2f}x" if s in PDL_M1 else ""))
     for s in shapes + ["mlp_70b"]:       # what the layout alone is worth: each layout's best candidate
         r = _rec(s, 1, "w4a16")
         if r is None:
@@ -740,19 +759,27 @@ print("bound: cuBLAS time / (packed bytes at the run's measured copy rate), the 
 # printed above says why on this card: cuBLAS fp16 already streams ~75 % of the copy rate on an H200, and
 # a single call carries a ~4 µs graph/launch floor, so even reading the 23.6 MB of packed weights at the
 # full copy rate would give ~2.8x (gate/up) to ~3.1x (down). The issue's 3x was set against an H100, and
-# the H100 run (the newest, asserted above) tells a different story: there cuBLAS fp16 takes ~38 µs at
-# these shapes (79 % of that card's 3.0 TB/s copy rate; the issue's anchor said ~44 µs), our GEMV 15-16 µs,
-# **2.3-2.5x** (2.7-2.9x back-to-back), with a byte bound near 4.8x: on the H100 the miss is the
-# kernel's, which streams only ~50 % of the copy rate at these 23.6 MB sizes while it reaches 86 % on the
-# 70B layer: each call spends ~7 µs beyond its byte time, which looks like a fixed per-call cost (the
-# back-to-back timing, which overlaps consecutive calls, recovers part of it) — not profiled. The 70B
-# layer is 3.5x cuBLAS on the H100.
+# the H100 run (the newest, asserted above) comes closer. There cuBLAS fp16 takes 36-39 µs at these shapes
+# (the issue's anchor said ~44 µs; in our graph-replayed timing `torch.matmul` with W stored [K, N] is even
+# a little faster than `F.linear`, 36.5 vs 38.8 µs), our GEMV 15.7 µs: **2.3-2.5x** per single call. What
+# separates that from 3x is a fixed cost per call, not the streaming rate: the 70B layer streams at 85 % of
+# the copy rate, and on the 7B shapes a call spends ~7 µs beyond its byte time, ~4.5-5 µs of which the
+# harness charges to any timed call (the graph floor printed above), so a single call cannot pass ~3.1x
+# even at the full copy rate. The split-K fix-up used to add its share: the last program of a tile read
+# the partial sums one per split (a round trip to L2 each); it now loads them in one vector load, which
+# took the down projection from 16.4 to 15.7 µs (its best split went from 12 to 16). Back to back, as in
+# decode, each GEMV can start before the previous one ends: with **programmatic dependent launch** it
+# launches while the previous kernel drains, requests its first weights, and waits for that kernel only
+# before reading x (outputs checked in the bench). That takes 8 chained calls from 13.2 / 12.7 µs to
+# 12.1 / 11.8 µs per call: **3.0x** the cuBLAS `F.linear` chain, but 2.8x / 2.9x the `torch.matmul`
+# [K, N] chain, which is faster (33.6 / 34.5 µs per call). So the 3x against the faster fp16 form is
+# still missed, by ~8 % (gate/up) and ~3 % (down). The 70B layer is 3.4-3.5x cuBLAS on the H100.
 #
 # End to end, the **fused decode step** (q/k/v and gate/up concatenated at load time, add+RMSNorm,
 # RoPE+KV write and silu*mul one kernel each: 10 launches per layer) makes batch-1 decoding of the
-# 7B-shaped model **2.1x** (H200) and **2.35x** (H100) faster in tokens/s with W4A16 than with fp16
-# (TinyChat: 2.6-2.7x), against 1.4-1.5x for the module-by-module step in the same runs. The profile explains it: the projections alone run
-# 2.45x faster, and what is left (0.5 ms per token of norms, RoPE, attention) is the same on both sides —
+# 7B-shaped model **2.1x** (H200) and **2.4x** (H100) faster in tokens/s with W4A16 than with fp16
+# (TinyChat: 2.6-2.7x), against 1.4-1.7x for the module-by-module step in the same runs. The profile explains it: the projections alone run
+# 2.8x faster (H100), and what is left (0.5 ms per token of norms, RoPE, attention) is the same on both sides —
 # the fusions cut it from ~4 ms (the module-by-module step minus its projections) to 0.5 ms, which
 # is what lets the projection speed-up show. From M = 4 on, cuBLAS fp16 wins (crossover printed above); the
 # tensor-core kernel is slower than cuBLAS at every M it was chosen for.
@@ -851,13 +878,16 @@ if GPU_RES is not None:                                       # 8. GPU claims, f
     # what the run shows: at batch 1 the W4A16 GEMV beats cuBLAS fp16 on every measured shape
     assert SPEEDUP_M1 and all(v > 1.0 for v in SPEEDUP_M1.values()), SPEEDUP_M1
     m1 = {k: v for k, v in SPEEDUP_M1.items() if k in ("gate_up", "down")}
+    # the claim against the faster of the two fp16 forms (F.linear's W [N, K], torch.matmul's W [K, N])
+    m1 = {k: min(v, SPEEDUP_KN_M1.get(k, v)) for k, v in m1.items()}
+    chained = {k: PDL_M1[k]["speedup_vs_best_fp16"] for k in ("gate_up", "down") if k in PDL_M1}
     if m1 and min(m1.values()) >= 3.0:
-        print("  reproduced: W4A16 >= 3x cuBLAS fp16 at M=1 on 11008x4096 and 4096x11008")
+        print("  reproduced: W4A16 >= 3x fp16 (cuBLAS, either weight layout) at M=1 on 11008x4096 and 4096x11008")
     else:
-        print("  NOT REPRODUCED: W4A16 >= 3x cuBLAS fp16 at M=1 on the 7B MLP shapes; measured "
-              + ", ".join(f"{k} {v:.2f}x" for k, v in m1.items())
-              + (" (back-to-back in one graph: " + ", ".join(f"{k} {CHAIN_M1[k]:.2f}x" for k in m1 if k in CHAIN_M1)
-                 + ")" if CHAIN_M1 else ""))
+        print("  NOT REPRODUCED: W4A16 >= 3x fp16 (cuBLAS, the faster weight layout) at M=1 on the 7B MLP shapes; "
+              "measured " + ", ".join(f"{k} {v:.2f}x" for k, v in m1.items()) + " per single call"
+              + ("; back-to-back in one graph with programmatic dependent launch, against the faster fp16 chain: "
+                 + ", ".join(f"{k} {v:.2f}x" for k, v in chained.items()) if chained else ""))
         bnd = {k: BOUND[k]["max_speedup_single"] for k in m1 if k in BOUND}
         if bnd:   # the arithmetic: cuBLAS time / (graph floor + packed bytes at the measured copy rate)
             peak = {}
@@ -872,6 +902,10 @@ if GPU_RES is not None:                                       # 8. GPU claims, f
                      if min(bnd.values()) < 3.0 else ""))
             for k in bnd:   # nothing beats the datasheet bandwidth (5 %: timing noise)
                 assert SPEEDUP_M1[k] <= 1.05 * peak[k], (k, SPEEDUP_M1[k], peak[k])
+    for k in ("gate_up", "down"):   # PDL shortens back-to-back calls (outputs checked in the bench)
+        if k in PDL_M1 and k in CHAIN_M1:
+            assert PDL_M1[k]["rel_err"] <= 3e-3
+            assert PDL_M1[k]["median_us"] < _rec(k, 1, "w4a16_chain")["median_us"], (k, PDL_M1[k]["median_us"])
     if "mlp_70b" in PCT_COPY_M1:
         pct = PCT_COPY_M1["mlp_70b"]
         print(f"  {'reproduced' if pct >= 60 else 'NOT REPRODUCED'}: 28672x8192 layer reads its packed weights at "
