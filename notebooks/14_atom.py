@@ -17,11 +17,10 @@
 #     headline: 'Paper: W4A4-KV4 Llama-7B serving up to 7.73x FP16 throughput (RTX 4090,
 #       INT4 MMA), WikiText-2 PPL 5.68 -> ~6.2. Ours (tiny Llama, 8 injected outlier
 #       channels): RTN W4A4 PPL 71.0 vs Atom 2.37 (FP 2.33); Triton W4A4/INT8-MMA GEMM
-#       and KV4 attention exact vs integer references; H200: served decode throughput
-#       at equal memory (4 Llama-7B-shaped layers, 3 GB = 24 GB x 4/32) 2.65x FP16 (batch
-#       143 vs 20; all from memory, 0.9x at equal batch); W4A4 GEMM 0.57-0.69x cuBLAS
-#       fp16 at M >= 512 (1.0x NOT reproduced; no INT4 MMA on Hopper); KV4 attention
-#       1.25x fp16'
+#       and KV4 attention exact vs integer references; H100: served decode throughput
+#       at equal memory (4 Llama-7B-shaped layers, 3 GB = 24 GB x 4/32) 3.30x FP16 (batch
+#       143 vs 20; H200 2.65x); W4A4 GEMM 0.59-0.68x cuBLAS fp16 at M >= 512 (1.0x NOT
+#       reproduced; no INT4 MMA on Hopper); KV4 attention 1.4-1.8x fp16'
 #     paper: '14'
 #     slug: atom
 #     status: partial
@@ -527,18 +526,23 @@ if GPU_RES is not None:
 
 # %% [markdown]
 # **Takeaway.** (Read the numbers above; they come from the named GPU.) At M ≥ 512 the GEMM is
-# compute-bound. On the committed H200 run our W4A4 kernel reaches 0.57-0.69x cuBLAS fp16 (GEMM only), while
-# cuBLAS's own INT8 GEMM — no unpacking, no dequantization — is 0.83-1.24x fp16 there. The tile sweep of
+# compute-bound. On the H100 (the newest run, read above) our W4A4 kernel reaches 0.59-0.68x cuBLAS fp16
+# (GEMM only; the H200 run: 0.57-0.69x), while cuBLAS's own INT8 GEMM — no unpacking, no dequantization —
+# is 0.84-1.24x fp16 on both cards. The tile sweep of
 # this run (64x128 … 128x256, 4 or 8 warps, 3-5 pipeline stages, swapped operands, plain vs inline-PTX
 # unpacking) moved nothing: the best tile stays 128x64 (64x128 for gate/up), within 1-2 % of the next
 # ones. Triton 3.6 documents its `warp_specialize` loop option as Blackwell-only, so it was not tried on
 # Hopper. Why ≥ 1.0x stays out of reach with INT8 MMA, in two measured parts: (1) the no-dequant diagnostic
-# (wrong numbers, one int32 accumulator) drops the per-group fp32 epilogue and is *still* only 0.82-0.95x
-# fp16 (575-700 TOPS, 29-35 % of the INT8 MMA peak) — the MMA pipeline itself is slow once the 4-bit
+# (wrong numbers, one int32 accumulator) drops the per-group fp32 epilogue and is *still* only 0.78-0.84x
+# fp16 at M = 1024 on the H100 (0.82-0.95x on the H200; 29-35 % of the INT8 MMA peak) — the MMA pipeline itself is slow once the 4-bit
 # operands are unpacked in registers (our reading, not profiled: they then reach the tensor cores through
 # registers and shared memory rather than the asynchronous copies cuBLAS pipelines); (2) the epilogue costs
 # another 21-37 % of the kernel: about 4 CUDA-core ops per output element per group of 128 MACs, which is
-# section 4's bound of ~1.0x the FP16 peak even if it overlapped perfectly. The activation-quantize kernel
+# section 4's bound of ~1.0x the FP16 peak even if it overlapped perfectly — and it does not overlap:
+# compiled for sm_90, Triton 3.6 waits for each group's INT8 MMAs (`wgmma.wait_group 0`) before the fp32
+# rescale, even when the loop is written to rescale group g-1 while group g's MMAs are issued (the
+# generated PTX, `python -m mlsys24.quant.wgmma_check`, tested), so the two run one after the other, as
+# the 21-37 % says. The activation-quantize kernel
 # (fused RMSNorm + reorder + quantize) costs 12-80 µs at K = 4096 and up to 245 µs at K = 11008, M = 4096,
 # and is reported apart ("+quant"). The official kernels have the same known issue on non-Ada GPUs
 # (efeslab/Atom#25).
@@ -579,7 +583,8 @@ if ATT:
 
 # %% [markdown]
 # **Takeaway.** The 4-bit KV attention is now faster than fp16 attention at every measured batch (≈1.0x at
-# B = 16, 1.2-1.25x at B ≥ 64 on the committed H200 run; the first version was 0.78x). What changed:
+# B = 16, 1.2-1.25x at B ≥ 64 on the H200 run; 1.40x at B = 16 and 1.7-1.8x at B ≥ 64 on the H100 run; the
+# first version was 0.78x). What changed:
 # split-KV (FlashDecoding) parallelism; the scale and zero folded out of the dot products
 # (`q·k = δ(q·c − z Σq)`, `Σ p v = Σ (pδ) c − Σ pδz`), so the only per-element work is unpacking the
 # nibbles; both products on fp16 tensor cores; and the nibbles turned into fp16 with the exponent trick
@@ -671,11 +676,12 @@ if SERVE:
     fig.show()
 
 # %% [markdown]
-# **Takeaway.** At equal memory Atom serves **2.65x** the FP16 decode throughput on the committed H200 run
-# (paper: 7.73x on an RTX 4090), and all of it comes from memory: 3.7x smaller weights and a 3.8x smaller KV
-# cache raise the batch from 20 to 143 in the scaled 3 GB budget. At the same batch Atom is *slower* than
-# FP16 on this GPU (≈0.9x at both 20 and 143): the W4A4 GEMMs are 0.5-0.7x cuBLAS and every linear needs
-# its quantize kernel, which the 1.25x faster KV4 attention does not make up. On an RTX 4090 the same design
+# **Takeaway.** At equal memory Atom serves **3.30x** the FP16 decode throughput on the H100 run (2.65x on
+# the H200 run; paper: 7.73x on an RTX 4090), and nearly all of it comes from memory: 3.7x smaller weights
+# and a 3.8x smaller KV cache raise the batch from 20 to 143 in the scaled 3 GB budget. At the same batch
+# Atom is about as fast as FP16: 1.06x at batch 20 and 1.22x at 143 on the H100 (≈0.9x at both on the
+# H200): the W4A4 GEMMs are 0.5-0.7x cuBLAS and every linear needs its quantize kernel, which the faster
+# KV4 attention (1.4-1.8x on the H100, 1.0-1.25x on the H200) about makes up. On an RTX 4090 the same design
 # also gains compute (INT4 MMA at 4x its FP16 rate, section 4) — the part of the 7.73x that Hopper cannot
 # give. Scale-downs: 4 layers and a proportional budget (per-layer weights and KV set the batch, so the
 # ratio of batches is close to the full model's: 7.2x here, ~7x for 32 layers in 24 GB), no prefill, random
