@@ -77,7 +77,7 @@ GEMV_LAYOUTS = ("row", "group")
 GEMV_GRID_MB = [(32, 2, 4, 1, False, False, False), (64, 2, 4, 1, True, False, False),
                 (64, 2, 4, 1, True, True, True), (128, 2, 4, 1, True, True, True)]            # M = 2 .. 16
 CHAIN = 8   # back-to-back calls on distinct weight copies in one graph (the decode situation)
-PDL_TOP = 4   # single-call runners-up also tried in the PDL chain
+PDL_TOP = 16   # single-call runners-up also tried in the PDL chain
 TC_EXTRA = [(16, 256, 64, True, 4, 4, 2), (64, 256, 64, True, 8, 3, 2), (128, 256, 64, True, 8, 3, 2)]
 TOL = 3e-3   # fp16 output: relative to max |ref| (the GEMV's zero point is stored as fp16 -z*s)
 
