@@ -760,20 +760,21 @@ print("bound: cuBLAS time / (packed bytes at the run's measured copy rate), the 
 # a single call carries a ~4 µs graph/launch floor, so even reading the 23.6 MB of packed weights at the
 # full copy rate would give ~2.8x (gate/up) to ~3.1x (down). The issue's 3x was set against an H100, and
 # the H100 run (the newest, asserted above) comes closer. There cuBLAS fp16 takes 36-39 µs at these shapes
-# (the issue's anchor said ~44 µs; in our graph-replayed timing `torch.matmul` with W stored [K, N] is even
-# a little faster than `F.linear`, 36.5 vs 38.8 µs), our GEMV 15.7 µs: **2.3-2.5x** per single call. What
+# (the issue's anchor said ~44 µs; in our graph-replayed timing `torch.matmul` with W stored [K, N] is about
+# as fast as `F.linear`, 36-37 vs 37.5-38.5 µs), our GEMV 15.6 µs: **2.3-2.5x** per single call. What
 # separates that from 3x is a fixed cost per call, not the streaming rate: the 70B layer streams at 85 % of
 # the copy rate, and on the 7B shapes a call spends ~7 µs beyond its byte time, ~4.5-5 µs of which the
 # harness charges to any timed call (the graph floor printed above), so a single call cannot pass ~3.1x
 # even at the full copy rate. The split-K fix-up used to add its share: the last program of a tile read
 # the partial sums one per split (a round trip to L2 each); it now loads them in one vector load, which
-# took the down projection from 16.4 to 15.7 µs (its best split went from 12 to 16). Back to back, as in
+# took the down projection from 16.4 to 15.6 µs (its best split went from 12 to 16). Back to back, as in
 # decode, each GEMV can start before the previous one ends: with **programmatic dependent launch** it
 # launches while the previous kernel drains, requests its first weights, and waits for that kernel only
-# before reading x (outputs checked in the bench). That takes 8 chained calls from 13.2 / 12.7 µs to
-# 12.1 / 11.8 µs per call: **3.0x** the cuBLAS `F.linear` chain, but 2.8x / 2.9x the `torch.matmul`
-# [K, N] chain, which is faster (33.6 / 34.5 µs per call). So the 3x against the faster fp16 form is
-# still missed, by ~8 % (gate/up) and ~3 % (down). The 70B layer is 3.4-3.5x cuBLAS on the H100.
+# before reading x (outputs checked in the bench). That takes 8 chained calls from 12.8 / 12.7 µs to
+# 12.0 / 11.8 µs per call (the best of the 16 fastest single-call configurations, each with and without
+# the register prefetch): **2.9x / 3.0x** the cuBLAS `F.linear` chain, but 2.8x / 2.9x the `torch.matmul`
+# [K, N] chain, which is faster (33.7 / 34.6 µs per call). So the 3x against the faster fp16 form is
+# still missed, by ~7 % (gate/up) and ~3 % (down). The 70B layer is 3.4-3.6x cuBLAS on the H100.
 #
 # End to end, the **fused decode step** (q/k/v and gate/up concatenated at load time, add+RMSNorm,
 # RoPE+KV write and silu*mul one kernel each: 10 launches per layer) makes batch-1 decoding of the
