@@ -16,11 +16,11 @@
 #     figure: throughput
 #     headline: 'Paper: Punica 12x the tokens/s of vLLM on Distinct adapters (A100),
 #       SGMV near-flat in batch. Ours: mixed-adapter batching 4-5x the same-adapter
-#       baseline on CPU (tiny Llama); on H200 (Llama-2-7B shapes) 6.8x the same-adapter
-#       baseline on Distinct (574 vs 84 tok/s), SGMV 36x faster than Loop at batch 64
-#       and reading rank-64 adapters at 60% of HBM peak, but not flat at h2=11008, r=16:
-#       2.7x from batch 1 (8.7 us) to 64 Distinct (23.7 us) against a 1.83x floor set
-#       by the adapter bytes (h2=4096: 1.9x, met)'
+#       baseline on CPU (tiny Llama); on an H100 (Llama-2-7B shapes) 6.8x the same-adapter
+#       baseline on Distinct (593 vs 87 tok/s), SGMV 33x faster than Loop at batch 64
+#       and reading rank-64 adapters at 65% of HBM peak, but not flat at h2=11008, r=16:
+#       2.9x from batch 1 (8.9 us) to 64 Distinct (26.2 us), where the extra adapter
+#       bytes alone set a 2.13x floor on this card (H200: 2.7x, floor 1.83)'
 #     paper: '01'
 #     slug: punica
 #     status: partial
@@ -769,13 +769,16 @@ if RES is not None and MODE == "graph":
                   f"warps={b['num_warps']} ({len(rec['trials'])} configs tried)")
 
 # %% [markdown]
-# **Takeaway.** Batch 1 is a floor of launches and dependent memory round trips (8-10 µs on the
-# H200 of the committed run); programmatic dependent launch (the expand reading `B` while the shrink
+# **Takeaway.** Batch 1 is a floor of launches and dependent memory round trips (8.9 µs on the H100,
+# 8.7 µs on the H200); programmatic dependent launch (the expand reading `B` while the shrink
 # runs) and a wide split-K keep it low. Batch 64 Distinct must in addition stream 64 adapters, so the
 # ratio has a floor printed above: at rank 32 and 64 with h2 = 11008 it is above 2 (the bytes alone
-# take longer than one more batch-1 latency), so "≤ 2×" is only physically possible at rank 16, and
-# there this kernel reaches about 30% of copy bandwidth (h2 = 11008: ratio ≈ 2.7 against a floor of
-# ≈ 1.8; h2 = 4096: ≈ 1.9, met). The sweep also tried two other expand forms — programs walking runs
+# take longer than one more batch-1 latency). On the H200 "≤ 2×" is physically possible at rank 16,
+# and there this kernel reaches about 30% of copy bandwidth (h2 = 11008: ratio ≈ 2.7 against a floor
+# of ≈ 1.8; h2 = 4096: ≈ 1.9, met). On the H100, the card the issue names, it is not: batch 1 takes
+# 8.9 µs and the 31 MB that 64 distinct rank-16 adapters add at h2 = 11008 take 10.1 µs at that card's
+# 3.0 TB/s copy rate, so even an expand and shrink streaming at the full copy rate could not pass
+# 2.13× (measured 2.94×: 26.2 µs; h2 = 4096: 2.05× against a floor of 1.61). The sweep also tried two other expand forms — programs walking runs
 # of N tiles with the next tile prefetched, and a row-by-row CUDA-core kernel whose programs hold one
 # weight tile instead of a 16-row tensor-core tile — and kept whichever measured fastest per shape:
 # at h2 = 11008 none beat the one-tile-per-program expand (the run's `trials` list every timing), so
