@@ -798,6 +798,13 @@ if S is not None:
     claim("async/sync at B=1, KV>=8K, each at its best tiling (min over "
           f"{', '.join(f'{L // 1024}K {v:.3f}' for L, v in b1_long.items())})",
           round(min(b1_long.values()), 3), ">= 1.05", min(b1_long.values()) >= 1.05)
+    # what 1.05x would take: the async kernel reading the KV cache at this share of the copy rate (the sync
+    # kernel's main loop is the same; they differ only in FlashDecoding's combine pass)
+    need = {k[1]: rows[k]["ours_async_pct_copy_bw"] * 1.05 / rows[k]["best_sync_over_best_async"]
+            for k in rows if k[0] == 1 and k[1] >= 8192}
+    print("    1.05x would need the async kernel at "
+          + ", ".join(f"{L // 1024}K {v:.0f}%" for L, v in need.items()) + " of the copy rate (it runs at "
+          + ", ".join(f"{rows[(1, L)]['ours_async_pct_copy_bw']:.0f}%" for L in need) + ")")
     same = {k[1]: rows[k]["async_over_sync_same_tiling_async_pick"] for k in rows if k[0] == 1 and k[1] >= 8192}
     print(f"    (info) same tiling, at the async kernel's pick: {', '.join(f'{L // 1024}K {v:.3f}' for L, v in same.items())}")
     rest = [rows[k]["best_sync_over_best_async"] for k in rows if not (k[0] == 1 and k[1] >= 8192)]
@@ -820,6 +827,21 @@ if S is not None:
     claim("dispatcher vs per-M best, M=1..256 (max loss)", f"{100 * v:.1f} %", "<= 5 %", v <= 0.05)
     v = gm["dispatch_geomean_over_cublas_M1_16"]
     claim("dispatcher vs cuBLAS-only, M=1..16 (geomean over the shapes)", round(v, 3), ">= 1.1", v >= 1.1)
+    FLOOR_US = next((r["median_us"] for r in RES.records if r.get("bench") == "graph_floor"), None)
+    if FLOOR_US is not None:
+        # the most any kernel could gain here: cuBLAS's time over (its bytes at the copy rate + the fixed
+        # cost of one timed call), geomean over M = 1..16 per shape, then over the shapes
+        cp_GBps = next(r["GBps"] for r in RES.records if r.get("bench") == "copy")
+        shp = RES.config["gemm_shapes"]
+        per = {}
+        for r in RES.records:
+            if r.get("bench") == "gemm" and r.get("phase") == "eval" and r.get("impl") == "cublas" and r["M"] <= 16:
+                N_, K_ = shp[r["shape"]]
+                t_min = 2 * (N_ * K_ + r["M"] * (N_ + K_)) / cp_GBps / 1e3 + FLOOR_US
+                per.setdefault(r["shape"], []).append(math.log(r["median_us"] / t_min))
+        DISPATCH_BOUND = math.exp(sum(sum(v_) / len(v_) for v_ in per.values()) / len(per))
+        print(f"    bound: a kernel reading the weights at the copy rate, plus this run's graph floor of "
+              f"{FLOOR_US:.1f} µs per timed call, would reach {DISPATCH_BOUND:.3f}x cuBLAS-only here")
 
 # %%
 if S is not None:

@@ -125,6 +125,15 @@ def _copy_bandwidth(repeats: int) -> dict:
             **roofline(t.median_s, bytes=2 * n, device=t.device)}
 
 
+def _graph_floor(repeats: int) -> dict:
+    """One 1-element kernel timed like every kernel here (graph replay, L2 flushed, CUDA events): the
+    fixed cost each timed call carries, which bounds the ratio a kernel can reach over another."""
+    tiny = torch.zeros(1, device=DEV)
+    _time(lambda: tiny.add_(1.0), 10)          # warm the device and the allocator first
+    t = _time(lambda: tiny.add_(1.0), repeats)
+    return {"bench": "graph_floor", "median_us": t.median_us, "p10_us": t.p10_s * 1e6, "p90_us": t.p90_s * 1e6}
+
+
 # --------------------------------------------------------------------------------------------------
 # 2. decode attention
 # --------------------------------------------------------------------------------------------------
@@ -641,7 +650,10 @@ def run(args) -> Path:
     records += _gemm_checks(*check_gemm)
     copy = _copy_bandwidth(50 if quick else 100)
     records.append(copy)
-    print(f"copy bandwidth {copy['GBps']:.0f} GB/s; checks done [{time.time() - t_start:.0f} s]", flush=True)
+    floor = _graph_floor(50 if quick else 100)
+    records.append(floor)
+    print(f"copy bandwidth {copy['GBps']:.0f} GB/s; graph floor {floor['median_us']:.1f} us; checks done "
+          f"[{time.time() - t_start:.0f} s]", flush=True)
     records += _attention(batches, lengths, configs, rep, sweep_rep, copy["GBps"], reserve_s=0.42 * budget)
     partial("attention")
     g_recs, table = _gemm(shapes, profile_m, eval_m, rep, tune_rep, quick)
