@@ -71,6 +71,22 @@ def test_environment_has_provenance():
     for key in ("device", "torch", "python", "date", "command"):
         assert env[key]
     assert env["command"] == "python -m mlsys24.bench x"
+    assert len(env["lib_sha1"]) == 12
+
+
+def test_library_digest_names_the_sources(tmp_path):
+    from mlsys24.bench.env import library_digest
+
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "a.py").write_text("x = 1\n")
+    (tmp_path / "b.py").write_text("y = 2\n")
+    d1 = library_digest(tmp_path)
+    assert d1 == library_digest(tmp_path)                    # deterministic
+    (tmp_path / "pkg" / "a.py").write_text("x = 2\n")
+    assert library_digest(tmp_path) != d1                    # a content change shows
+    (tmp_path / "pkg" / "a.py").write_text("x = 1\n")
+    (tmp_path / "b.py").rename(tmp_path / "c.py")
+    assert library_digest(tmp_path) != d1                    # and so does a renamed file
 
 
 def test_results_round_trip(tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import os
 import platform
 import re
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["environment", "device_name", "device_slug"]
+__all__ = ["environment", "device_name", "device_slug", "library_digest"]
 
 
 def device_name(device: str | torch.device | None = None) -> str:
@@ -64,8 +65,23 @@ def _git_rev() -> str | None:
         return None
 
 
+def library_digest(root: str | Path | None = None) -> str:
+    """SHA-1 (12 hex digits) of the library's Python sources (``lib/mlsys24/**/*.py``: relative paths and
+    contents, in sorted order): names the code that ran even where the checkout's git metadata is
+    stale or absent (a copied tree). :func:`library_digest` on a checkout of a commit gives the same value."""
+    base = Path(root) if root is not None else Path(__file__).resolve().parents[1]
+    h = hashlib.sha1()
+    for f in sorted(base.rglob("*.py")):
+        if "__pycache__" in f.parts:
+            continue
+        h.update(f.relative_to(base).as_posix().encode() + b"\0")
+        h.update(f.read_bytes() + b"\0")
+    return h.hexdigest()[:12]
+
+
 def environment(device: str | torch.device | None = None, command: str | None = None) -> dict:
-    """Everything a reader needs to judge a number: device, versions, date, command, git revision."""
+    """Everything a reader needs to judge a number: device, versions, date, command, git revision and
+    the digest of the library sources that ran (:func:`library_digest`)."""
     dev = torch.device(device) if device is not None else (
         torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
     env: dict = {
@@ -79,6 +95,7 @@ def environment(device: str | torch.device | None = None, command: str | None = 
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "command": command if command is not None else _command_line(),
         "git": _git_rev(),
+        "lib_sha1": library_digest(),
     }
     try:
         import triton  # noqa: F401  (optional)
