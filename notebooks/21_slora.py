@@ -244,13 +244,20 @@ N_CLAIM = 32 if 32 in NUM_ADAPTERS else sorted(NUM_ADAPTERS)[len(NUM_ADAPTERS) /
 n_lo, n_hi = min(NUM_ADAPTERS), max(NUM_ADAPTERS)
 # REPEATS rounds; each round runs the claims' adapter counts back to back, so a ratio within a round
 # compares runs under the same machine conditions (CPU speed drifts over seconds on a shared machine).
-ROUNDS = [{n: run_one("slora", n)[0]["throughput_rps"] for n in sorted({N_CLAIM, n_lo, n_hi})} for _ in range(REPEATS)]
-MEDIAN = {n: statistics.median(r[n] for r in ROUNDS) for n in ROUNDS[0]}
+# PEFT-style runs in every round too (claim 4 is a ratio of one round's runs, like claim 5).
+ROUNDS = []
+for _ in range(REPEATS):
+    rnd = {n: run_one("slora", n)[0]["throughput_rps"] for n in sorted({N_CLAIM, n_lo, n_hi})}
+    if ("peft", N_CLAIM) in RESULTS:
+        rnd["peft"] = run_one("peft", N_CLAIM)[0]["throughput_rps"]
+    ROUNDS.append(rnd)
+MEDIAN = {n: statistics.median(r[n] for r in ROUNDS) for n in ROUNDS[0] if n != "peft"}
 for n in MEDIAN:
     print(f"S-LoRA n={n}: median {MEDIAN[n]:.2f} req/s of {[round(r[n], 2) for r in ROUNDS]}")
 RATIO_HI_LO = statistics.median(r[n_hi] / r[n_lo] for r in ROUNDS)   # claim 5: paired within rounds
 thr_slora = MEDIAN[N_CLAIM]
-thr_peft = RESULTS.get(("peft", N_CLAIM), {}).get("throughput_rps")
+thr_peft = statistics.median(r["peft"] for r in ROUNDS) if "peft" in ROUNDS[0] else None
+RATIO_PEFT = statistics.median(r[N_CLAIM] / r["peft"] for r in ROUNDS) if thr_peft is not None else None
 
 # %% [markdown]
 # ## 4. Table 3 analogue: throughput vs number of adapters
@@ -290,8 +297,9 @@ fig_t3.show()
 # one or two requests; merged copies do not fit past a handful of adapters. Absolute numbers are CPU
 # numbers of a tiny model — the shape, not the scale, is what this run can show.
 #
-# **Claim 4** — offline throughput at n = 32: S-LoRA ≥ 3× PEFT-style (CPU, median of `REPEATS` S-LoRA
-# runs, one PEFT-style run: it takes several times longer and the margin is wide).
+# **Claim 4** — offline throughput at n = 32: S-LoRA ≥ 3× PEFT-style (CPU; the median over `REPEATS`
+# rounds of the ratio within a round, each round running both back to back, as for claim 5: a single
+# PEFT-style run against a median once fell to 2.9x on a busy 2-core machine).
 # **Claim 5** — S-LoRA at the largest n ≥ 0.6 × at the smallest (the median over `REPEATS` rounds of the
 # ratio within a round: runs of one round are back to back, so slow drifts of a shared CPU cancel); gathered elements counted from the
 # index tensors: MBGMM/MBGMV `Σ 8·H·r_b` < padded BMM `Σ 8·H·r_max`.
@@ -300,8 +308,9 @@ fig_t3.show()
 
 # %%
 if thr_peft is not None:
-    print(f"claim 4: S-LoRA / PEFT-style at n={N_CLAIM}: {thr_slora / thr_peft:.1f}x (paper, A100: ~30x at n=100)")
-    assert thr_slora >= 3 * thr_peft, (thr_slora, thr_peft)
+    print(f"claim 4: S-LoRA / PEFT-style at n={N_CLAIM} (median of {REPEATS} paired rounds): {RATIO_PEFT:.1f}x "
+          f"of {[round(r[N_CLAIM] / r['peft'], 2) for r in ROUNDS]} (paper, A100: ~30x at n=100)")
+    assert RATIO_PEFT >= 3, [(r[N_CLAIM], r["peft"]) for r in ROUNDS]
 r_hi = RESULTS[("slora", n_hi)]
 print(f"claim 5: S-LoRA n={n_hi} / n={n_lo} (median of {REPEATS} paired rounds): {RATIO_HI_LO:.2f} (paper S2: 0.90)")
 assert RATIO_HI_LO >= 0.6
