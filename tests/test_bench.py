@@ -74,6 +74,13 @@ def test_environment_has_provenance():
     assert len(env["lib_sha1"]) == 12
 
 
+def test_graph_floor_times_a_tiny_call():
+    from mlsys24.bench import graph_floor
+
+    t = graph_floor("cpu", repeats=3)
+    assert t.n == 3 and 0 < t.median_s < 0.1 and t.device == "cpu"
+
+
 def test_library_digest_names_the_sources(tmp_path):
     from mlsys24.bench.env import library_digest
 

@@ -13,10 +13,11 @@ from .env import device_name, device_slug, environment
 from .registry import BENCHMARKS
 from .results import ResultFile, gpu_results, latest_results, load_results, save_results
 from .roofline import PEAKS, DevicePeaks, attainable_seconds, device_peaks, roofline
-from .timing import CUDAGraphed, Timing, copy_bandwidth, measure, measure_graphed
+from .timing import CUDAGraphed, Timing, copy_bandwidth, graph_floor, measure, measure_graphed
 
 __all__ = [
     "BENCHMARKS", "CUDAGraphed", "PEAKS", "DevicePeaks", "ResultFile", "Timing", "attainable_seconds", "copy_bandwidth",
+    "graph_floor",
     "device_name", "device_peaks", "device_slug", "environment", "gpu_results", "latest_results", "load_results",
     "measure", "measure_graphed", "roofline", "save_results",
 ]

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-__all__ = ["Timing", "measure", "measure_graphed", "copy_bandwidth", "l2_flush_bytes", "CUDAGraphed"]
+__all__ = ["Timing", "measure", "measure_graphed", "copy_bandwidth", "graph_floor", "l2_flush_bytes", "CUDAGraphed"]
 
 
 @dataclass(frozen=True)
@@ -198,3 +198,15 @@ def copy_bandwidth(device: str | torch.device | None = None, nbytes: int = 1 << 
     dst = torch.empty_like(src)
     t = measure(lambda: dst.copy_(src), warmup=warmup, repeats=repeats, flush_l2=False, device=src.device)
     return t, 2 * nbytes / t.median_s / 1e9
+
+
+def graph_floor(device: str | torch.device | None = None, *, repeats: int = 100) -> Timing:
+    """The fixed cost of one timed call: a 1-element kernel timed exactly like the kernels of a benchmark
+    (:func:`measure_graphed`: CUDA-graph replay, L2 flushed, CUDA events), after a short warm-up of its
+    own. No kernel timed this way can take less; a ratio of two timed kernels is bounded by it. On CPU,
+    the same tiny op timed by :func:`measure`."""
+    dev = torch.device(device) if device is not None else (
+        torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
+    tiny = torch.zeros(1, device=dev)
+    measure_graphed(lambda: tiny.add_(1.0), repeats=10, device=dev)      # warm the device and the allocator
+    return measure_graphed(lambda: tiny.add_(1.0), repeats=repeats, device=dev)

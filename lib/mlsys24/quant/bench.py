@@ -35,7 +35,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from ..bench import CUDAGraphed, copy_bandwidth, measure, measure_graphed, roofline, save_results
+from ..bench import CUDAGraphed, copy_bandwidth, graph_floor, measure, measure_graphed, roofline, save_results
 from ..bench.env import device_name
 from ..kernels import pdl_supported
 from .pack import awq_pack, gemv_repack
@@ -538,8 +538,7 @@ def run(args) -> str:
     copy_GBps = copy["GBps"] if gpu else None
     log(f"copy: {copy['GBps']:.0f} GB/s")
     if gpu:   # the harness floor: one tiny kernel in a graph, timed like every kernel below
-        tiny = torch.zeros(1, device=dev)
-        t = _time(lambda: tiny.add_(1.0), 100, gpu)
+        t = graph_floor(dev, repeats=100)
         recs.append({"op": "graph_floor", "provider": "graph_floor", "median_us": t.median_us,
                      "note": "one 1-element kernel in a CUDA graph, L2 flushed, CUDA events: fixed cost per timed call"})
         log(f"graph floor (1-element kernel): {t.median_us:.1f} us")
@@ -601,8 +600,7 @@ def run(args) -> str:
                      gemv=M <= 16, tc=M >= 2)
         save()
     if gpu:   # the floor again, on a warm device (the first measurement can catch it ramping up)
-        tiny = torch.zeros(1, device=dev)
-        t = _time(lambda: tiny.add_(1.0), 100, gpu)
+        t = graph_floor(dev, repeats=100)
         recs.append({"op": "graph_floor_end", "provider": "graph_floor", "median_us": t.median_us,
                      "note": "the graph floor measured again at the end of the run"})
         log(f"graph floor at the end (1-element kernel): {t.median_us:.1f} us")
