@@ -528,7 +528,7 @@ if GPU_RES is not None:
 # **Takeaway.** (Read the numbers above; they come from the named GPU.) At M ≥ 512 the GEMM is
 # compute-bound. On the H100 (the newest run, read above) our W4A4 kernel reaches 0.59-0.68x cuBLAS fp16
 # (GEMM only; the H200 run: 0.57-0.69x), while cuBLAS's own INT8 GEMM — no unpacking, no dequantization —
-# is 0.84-1.24x fp16 on both cards. The tile sweep of
+# is 0.83-1.24x fp16 on the two cards. The tile sweep of
 # this run (64x128 … 128x256, 4 or 8 warps, 3-5 pipeline stages, swapped operands, plain vs inline-PTX
 # unpacking) moved nothing: the best tile stays 128x64 (64x128 for gate/up), within 1-2 % of the next
 # ones. Triton 3.6 documents its `warp_specialize` loop option as Blackwell-only, so it was not tried on

@@ -269,21 +269,36 @@ def _log_layout_best(name, tried, log):
             log(f"    best {lay}-major: {b['median_us']:.2f} us {_cfg_str(GemvConfig(**b['config']))}")
 
 
+def _gemv_copies(L, lay) -> list[dict]:
+    """CHAIN copies of the layer's GEMV weights (the first the original): one per chained call, so each
+    reads its weights cold from HBM, as consecutive layers of a decode step do."""
+    return [L.ts[lay]] + [{k: v.clone() for k, v in L.ts[lay].items()} for _ in range(CHAIN - 1)]
+
+
+def _fp16_chain(x, L, repeats, gpu, form="linear"):
+    """Per-call time of CHAIN fp16 matmuls back to back in one graph, each on its own weight copy:
+    ``F.linear`` (W [N, K]) or ``torch.matmul`` with W stored [K, N] (``form="matmul_kn"``)."""
+    ws = [L.w16] + [L.w16.clone() for _ in range(CHAIN - 1)]
+    if form == "matmul_kn":
+        ws = [w.t().contiguous() for w in ws]
+        return _per_call(_time(lambda: [torch.matmul(x, w) for w in ws], repeats, gpu), CHAIN)
+    return _per_call(_time(lambda: [F.linear(x, w) for w in ws], repeats, gpu), CHAIN)
+
+
 def _extra_timings(name, L, x, M, N, K, kern, cfg, fn, wb, repeats, gpu, copy_GBps, recs, log, lay="row",
                    t_ref=None, t_one=None, tried=()):
     """Back-to-back and eager timings of the chosen configuration (M = 1 plan), and the bound a kernel
     reading its bytes at the measured copy rate would reach in either timing."""
     # CHAIN calls back to back in one graph, each on its own copy of the weights (cold in L2):
     # the per-call time without the graph launch's fixed cost, as inside a decode step
-    ws = [L.w16] + [L.w16.clone() for _ in range(CHAIN - 1)]
-    tc_ref = _per_call(_time(lambda: [F.linear(x, w) for w in ws], repeats, gpu), CHAIN)
+    tc_ref = _fp16_chain(x, L, repeats, gpu)
     if kern == "gemv":
-        ts = [L.ts[lay]] + [{k: v.clone() for k, v in L.ts[lay].items()} for _ in range(CHAIN - 1)]
+        ts = _gemv_copies(L, lay)
         t_chain = _per_call(_time(lambda: [w4a16_gemv(x, **t, config=cfg) for t in ts], repeats, gpu), CHAIN)
     else:
         ts = [(L.qw, L.qz, L.sc)] + [(L.qw.clone(), L.qz.clone(), L.sc.clone()) for _ in range(CHAIN - 1)]
         t_chain = _per_call(_time(lambda: [w4a16_gemm(x, *t, N, config=cfg) for t in ts], repeats, gpu), CHAIN)
-    ws = ts = None
+    ts = None
     if copy_GBps and t_ref is not None:
         floor = next((r["median_us"] for r in recs if r.get("op") == "graph_floor"), 0.0)
         t_copy_us = wb / (copy_GBps * 1e3)               # the packed bytes at the copy rate, us
@@ -321,7 +336,7 @@ def _chain_pdl(name, L, x, M, N, K, cfg, lay, wb, repeats, copy_GBps, tc_ref, re
     before the wait). Each output of the replayed graph is checked against the reference."""
     ref = w4a16_gemv_ref(x, **L.ts[lay]).float()
     scale = ref.abs().max().clamp_min(1e-6)
-    ts = [L.ts[lay]] + [{k: v.clone() for k, v in L.ts[lay].items()} for _ in range(CHAIN - 1)]
+    ts = _gemv_copies(L, lay)
     ranked = sorted((c for c in tried if c.get("layout") == lay and "median_us" in c and c.get("kernel") == "gemv"),
                     key=lambda c: c["median_us"])
     bases = [cfg] + [GemvConfig(**c["config"]) for c in ranked[:n_top + 1]]
@@ -364,12 +379,8 @@ def _chain_pdl(name, L, x, M, N, K, cfg, lay, wb, repeats, copy_GBps, tc_ref, re
         g = CUDAGraphed(lambda: [w4a16_gemv(x, **t, config=c) for t in ts])
         t = _per_call(measure(g.replay, warmup=3, repeats=repeats), CHAIN)
         del g
-        ws = [L.w16] + [L.w16.clone() for _ in range(CHAIN - 1)]
-        tc2 = _per_call(_time(lambda: [F.linear(x, w) for w in ws], repeats, True), CHAIN)
-        # and the issue's form, torch.matmul(x, W) with W stored [K, N], back to back
-        ws = [w.t().contiguous() for w in ws]
-        tkn = _per_call(_time(lambda: [torch.matmul(x, w) for w in ws], repeats, True), CHAIN)
-        del ws
+        tc2 = _fp16_chain(x, L, repeats, True)
+        tkn = _fp16_chain(x, L, repeats, True, form="matmul_kn")   # the issue's form, back to back
         base = min(tc2.median_s, tkn.median_s)
         recs.append(_rec(name, N, K, M, "w4a16_chain_pdl", t, wb, copy_GBps, kernel="gemv", layout=lay,
                          config=c.as_dict(), chain=CHAIN, rel_err=err, cublas_chain_us=tc2.median_us,
