@@ -249,3 +249,35 @@ def test_gemv_pdl_chain_of_dependent_calls(prefetch):
             g.replay()
         torch.cuda.synchronize()
         assert torch.equal(g.out, y)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("M,N,K,G", [(1, 4096, 4096, 128), (1, 83, 130, 64), (1, 1000, 512, 32), (4, 130, 256, 128)])
+@pytest.mark.parametrize("split_k,prefetch,pdl", [(1, False, False), (4, True, False), (3, False, True)])
+def test_gpu_gemv_l2_prefetch_matches_reference(M, N, K, G, split_k, prefetch, pdl):
+    # the copy engine's L2 prefetch of each program's tiles changes where the bytes come from, not
+    # what is computed: same result as without it (partial last tiles, odd K, steps/zeros too)
+    from mlsys24.kernels.stream import l2_prefetch_supported
+
+    if not l2_prefetch_supported(torch.device("cuda")):
+        pytest.skip("cp.async.bulk.prefetch needs compute capability >= 9.0")
+    x, p, _ = _gemv_case(M, N, K, G, torch.float16, seed=11)
+    t = {k: v.to(DEV) for k, v in gemv_repack(p["qweight"].cpu(), p["qzeros"].cpu(), p["scales"].cpu(), N,
+                                              layout="group").items()}
+    base = GemvConfig(block_n=64, unroll=2, split_k=split_k, half2=True, quad=True, prefetch=prefetch, pdl=pdl)
+    y0 = w4a16_gemv(x, **t, config=base)
+    y1 = w4a16_gemv(x, **t, config=GemvConfig(**{**base.as_dict(), "l2_prefetch": True}))
+    assert torch.equal(y0, y1)
+    ref = w4a16_ref(x, p["qweight"], p["qzeros"], p["scales"], N)
+    assert ((y1.float() - ref).abs().max() / ref.abs().max().clamp_min(1.0)).item() <= 3e-3
+
+
+def test_gemv_l2_prefetch_rejected_where_it_cannot_run():
+    x, _, t = _gemv_case(1, 64, 128, 64, torch.float16)
+    cfg = GemvConfig(block_n=32, unroll=1, split_k=1, l2_prefetch=True)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="l2_prefetch needs a CUDA GPU"):
+            w4a16_gemv(x, **t, config=cfg)
+    elif torch.cuda.get_device_capability()[0] >= 9:
+        with pytest.raises(ValueError, match="group-major"):
+            w4a16_gemv(x, **t, config=cfg)        # the row-major layout: a tile's rows are not contiguous

@@ -12,8 +12,9 @@ number alike (eager numbers of the M = 1 winners are recorded beside them):
    a 70B-sized MLP layer (28672x8192): cuBLAS fp16 (``F.linear``) vs the GEMV (``w4a16_gemv``, G = 128)
    over a grid of tile configurations x split-K x layout (row- / group-major), every candidate checked
    against the float32 reference before it is timed; for the single-shape winners also 8 back-to-back
-   calls in one graph, eager calls, and the bound (cuBLAS time over the graph floor plus the packed
-   bytes at the copy rate);
+   calls in one graph, eager calls, and two bounds: cuBLAS's time over the graph floor plus the packed
+   bytes at the copy rate, and over the read floor (the fastest measured kernel that only reads as
+   many bytes, ``kernels.stream.read_floor``, timed the same way, single and back to back);
 3. batch-1 decode of a random-weight Llama-2-7B-shaped model, fp16 vs W4A16, one decode step at a
    512-token context in a CUDA graph: the fused step (``qlinear.FusedDecoder``; profiled by a graph of
    its projections alone and one of everything else) and the module-by-module step
@@ -38,6 +39,7 @@ import torch.nn.functional as F
 from ..bench import CUDAGraphed, copy_bandwidth, graph_floor, measure, measure_graphed, roofline, save_results
 from ..bench.env import device_name
 from ..kernels import pdl_supported
+from ..kernels.stream import l2_prefetch_supported, read_floor
 from .pack import awq_pack, gemv_repack
 from .w4a16 import (
     GemvConfig,
@@ -77,7 +79,8 @@ GEMV_LAYOUTS = ("row", "group")
 GEMV_GRID_MB = [(32, 2, 4, 1, False, False, False), (64, 2, 4, 1, True, False, False),
                 (64, 2, 4, 1, True, True, True), (128, 2, 4, 1, True, True, True)]            # M = 2 .. 16
 CHAIN = 8   # back-to-back calls on distinct weight copies in one graph (the decode situation)
-PDL_TOP = 16   # single-call runners-up also tried in the PDL chain
+PDL_TOP = 12   # single-call runners-up also tried in the PDL chain
+L2PF_TOP = 6   # fastest group-major single-call configurations tried again with the L2 prefetch
 TC_EXTRA = [(16, 256, 64, True, 4, 4, 2), (64, 256, 64, True, 8, 3, 2), (128, 256, 64, True, 8, 3, 2)]
 TOL = 3e-3   # fp16 output: relative to max |ref| (the GEMV's zero point is stored as fp16 -z*s)
 
@@ -148,7 +151,7 @@ def _cfg_str(cfg) -> str:
     if isinstance(cfg, GemvConfig):
         kind = ("h2q" if cfg.quad else "h2") if cfg.half2 else "f32"
         return (f"bn{cfg.block_n} u{cfg.unroll} s{cfg.split_k} w{cfg.num_warps} st{cfg.num_stages} {kind}"
-                + (" pf" if cfg.prefetch else ""))
+                + (" pf" if cfg.prefetch else "") + (" l2" if cfg.l2_prefetch else ""))
     return f"tc bm{cfg.block_m} bn{cfg.block_n} bk{cfg.block_k} s{cfg.split_k} w{cfg.num_warps} st{cfg.num_stages}"
 
 
@@ -213,6 +216,19 @@ def _bench_m(name, L: _Layer, M, dev, dtype, repeats, tune_repeats, copy_GBps, d
                      {"kernel": "gemv", "layout": lay, "config": cfg.as_dict()}, tried)
             if t is not None and (best is None or t.median_s < best[0]):
                 best = (t.median_s, "gemv", cfg, tried[-1]["rel_err"], lay)
+    if gemv and M == 1 and gpu and l2_prefetch_supported(x.device):
+        # the fastest group-major configurations again, each program first asking the copy engine for
+        # its whole share of the weights in L2 (GemvConfig.l2_prefetch)
+        ranked = sorted((c for c in tried if c.get("layout") == "group" and "median_us" in c),
+                        key=lambda c: c["median_us"])[:L2PF_TOP]
+        for c in ranked:
+            if time.time() > deadline:
+                break
+            cfg = dataclasses.replace(GemvConfig(**c["config"]), l2_prefetch=True)
+            t = _try(lambda c=cfg: w4a16_gemv(x, **L.ts["group"], config=c), ref, scale, tune_repeats, gpu,
+                     {"kernel": "gemv", "layout": "group", "config": cfg.as_dict()}, tried)
+            if t is not None and (best is None or t.median_s < best[0]):
+                best = (t.median_s, "gemv", cfg, tried[-1]["rel_err"], "group")
     if tc:
         for cfg in _tc_candidates(M, N, K, gpu):
             if time.time() > deadline:
@@ -253,7 +269,7 @@ def _bench_m(name, L: _Layer, M, dev, dtype, repeats, tune_repeats, copy_GBps, d
     if eager and gpu:
         try:
             _extra_timings(name, L, x, M, N, K, kern, cfg, fn, wb, repeats, gpu, copy_GBps, recs, log, lay,
-                           t_ref, t, tried=tried)
+                           t_ref, t, tried=tried, t_kn=t_kn)
         except Exception as e:   # e.g. out of memory for the weight copies: recorded, not fatal
             recs.append({"shape": name, "M": M, "provider": "w4a16_extra",
                          "error": f"{type(e).__name__}: {str(e)[:200]}"})
@@ -286,7 +302,7 @@ def _fp16_chain(x, L, repeats, gpu, form="linear"):
 
 
 def _extra_timings(name, L, x, M, N, K, kern, cfg, fn, wb, repeats, gpu, copy_GBps, recs, log, lay="row",
-                   t_ref=None, t_one=None, tried=()):
+                   t_ref=None, t_one=None, tried=(), t_kn=None):
     """Back-to-back and eager timings of the chosen configuration (M = 1 plan), and the bound a kernel
     reading its bytes at the measured copy rate would reach in either timing."""
     # CHAIN calls back to back in one graph, each on its own copy of the weights (cold in L2):
@@ -319,6 +335,8 @@ def _extra_timings(name, L, x, M, N, K, kern, cfg, fn, wb, repeats, gpu, copy_GB
         + (f" = {100 * wb / t_chain.median_s / 1e9 / copy_GBps:.0f}% of copy)" if copy_GBps else ")"))
     if kern == "gemv" and gpu and pdl_supported(x.device):
         _chain_pdl(name, L, x, M, N, K, cfg, lay, wb, repeats, copy_GBps, tc_ref, recs, log, tried)
+    if gpu and t_ref is not None and t_one is not None:
+        _read_bounds(name, N, K, M, wb, t_ref, t_kn, t_one, tc_ref, repeats, recs, log)
     te_ref = _time(lambda: F.linear(x, L.w16), repeats, gpu, graph=False)
     te = _time(fn, repeats, gpu, graph=False)
     recs.append(_rec(name, N, K, M, "cublas_fp16_eager", te_ref, N * K * 2, copy_GBps))
@@ -327,13 +345,60 @@ def _extra_timings(name, L, x, M, N, K, kern, cfg, fn, wb, repeats, gpu, copy_GB
     log(f"  {name} M={M} eager (with launch): cuBLAS {te_ref.median_us:.1f} us, W4A16 {te.median_us:.1f} us")
 
 
+def _read_bounds(name, N, K, M, wb, t_ref, t_kn, t_one, tc_ref, repeats, recs, log):
+    """The read floor (:func:`mlsys24.kernels.stream.read_floor`): the fastest measured kernel that only
+    reads as many bytes as the GEMV's weights, timed like every provider here, one call and CHAIN back
+    to back (plain, and with PDL waiting before or after the reads); and the same for the fp16 weight
+    bytes (how close cuBLAS runs to a pure read of its operand). No W4A16 kernel that reads its packed
+    weights from HBM can beat the read floor, so its speedup over an fp16 baseline is at most that
+    baseline's time over the floor, in this run."""
+    nb = -(-wb // 4) * 4
+    one = read_floor(nb, "cuda", repeats=repeats)
+    chain = read_floor(nb, "cuda", chain=CHAIN, repeats=repeats,
+                       pdl_modes=("wait_first", "wait_last") if pdl_supported(torch.device("cuda")) else ())
+    fp16 = read_floor(N * K * 2, "cuda", repeats=repeats)
+    by_mode = {}
+    for c in chain["candidates"]:
+        mode = (c["config"] or {}).get("pdl", "off")
+        by_mode[mode] = min(by_mode.get(mode, float("inf")), c["median_us"])
+    pdl = _find(recs, name, M, "w4a16_chain_pdl")
+    fp16_chain = [tc_ref.median_us] + ([pdl["cublas_chain_us"], pdl["matmul_kn_chain_us"]] if pdl else [])
+    rec = {"shape": name, "N": N, "K": K, "M": M, "provider": "read_floor", "weight_bytes": nb,
+           "median_us": one["median_us"], "GBps": one["GBps"], "read_config": one["config"],
+           "read_provider": one["provider"], "chain_us": chain["median_us"], "chain_GBps": chain["GBps"],
+           "chain_provider": chain["provider"], "chain_config": chain["config"], "chain_best_by_pdl_mode_us": by_mode,
+           "fp16_bytes_read_us": fp16["median_us"], "fp16_bytes_read_GBps": fp16["GBps"],
+           "cublas_vs_fp16_read": fp16["median_us"] / t_ref.median_us,
+           "max_speedup_single_vs_cublas": t_ref.median_us / one["median_us"],
+           "max_speedup_chain_vs_best_fp16": min(fp16_chain) / chain["median_us"],
+           "w4a16_over_read_floor": t_one.median_us / one["median_us"],
+           "candidates": {"single": one["candidates"], "chain": chain["candidates"], "fp16": fp16["candidates"]},
+           "note": "fastest pure read of the packed weight bytes (Triton streaming-read grid and torch.sum), "
+                   "timed like every provider: bounds any W4A16 kernel's speedup in this run"}
+    if t_kn is not None:
+        rec["max_speedup_single_vs_matmul_kn"] = t_kn.median_us / one["median_us"]
+    if pdl:
+        rec["w4a16_pdl_chain_over_read_floor"] = pdl["median_us"] / chain["median_us"]
+    recs.append(rec)
+    log(f"  {name}: read floor of the {nb / 1e6:.1f} MB packed weights {one['median_us']:.2f} us single "
+        f"({one['GBps']:.0f} GB/s, {one['provider']}), {chain['median_us']:.2f} us per call in a chain "
+        f"(by PDL mode {', '.join(f'{k} {v:.2f}' for k, v in by_mode.items())}) -> at most "
+        f"{rec['max_speedup_single_vs_cublas']:.2f}x F.linear"
+        + (f" / {rec['max_speedup_single_vs_matmul_kn']:.2f}x matmul [K,N]" if t_kn is not None else "")
+        + f" single-call, {rec['max_speedup_chain_vs_best_fp16']:.2f}x the faster fp16 chain; "
+        f"fp16 bytes read {fp16['median_us']:.1f} us (cuBLAS at {100 * rec['cublas_vs_fp16_read']:.0f}% of it); "
+        f"W4A16 single at {rec['w4a16_over_read_floor']:.2f}x the floor")
+
+
 def _chain_pdl(name, L, x, M, N, K, cfg, lay, wb, repeats, copy_GBps, tc_ref, recs, log, tried=(),
                n_top: int = PDL_TOP):
     """The back-to-back chain again with programmatic dependent launch: each GEMV may launch while the
     previous one drains, stream its first weights and wait for it before reading x. Candidates: the
     chosen configuration and the next ``n_top`` fastest single-call configurations of its layout, each
     with PDL, with and without the register prefetch (which puts a whole step's weights in flight
-    before the wait). Each output of the replayed graph is checked against the reference."""
+    before the wait) and, in the group-major layout, with and without the L2 prefetch (which puts the
+    program's whole share in flight before it). Each output of the replayed graph is checked against
+    the reference."""
     ref = w4a16_gemv_ref(x, **L.ts[lay]).float()
     scale = ref.abs().max().clamp_min(1e-6)
     ts = _gemv_copies(L, lay)
@@ -341,13 +406,15 @@ def _chain_pdl(name, L, x, M, N, K, cfg, lay, wb, repeats, copy_GBps, tc_ref, re
                     key=lambda c: c["median_us"])
     bases = [cfg] + [GemvConfig(**c["config"]) for c in ranked[:n_top + 1]]
     variants: list[GemvConfig] = []
-    for b in bases:
+    for i, b in enumerate(bases):
         for pf in (b.prefetch, not b.prefetch):
             if pf and b.unroll > 2:
                 continue
-            v = dataclasses.replace(b, pdl=True, prefetch=pf)
-            if v not in variants:
-                variants.append(v)
+            # the L2 prefetch (group-major only) for the first few bases: it did not pay off single-call
+            for l2 in (False, True) if lay == "group" and i < 4 and l2_prefetch_supported(x.device) else (False,):
+                v = dataclasses.replace(b, pdl=True, prefetch=pf, l2_prefetch=l2)
+                if v not in variants:
+                    variants.append(v)
     best = None
     for c in variants:
         try:
@@ -646,6 +713,11 @@ def _summary(recs, log) -> None:
             kn = _find(recs, r["shape"], 1, "matmul_kn_fp16")
             if kn:
                 line += f" | matmul[K,N] {kn['median_us']:.1f} = {r['speedup_vs_matmul_kn']:.2f}x"
+            rf = _find(recs, r["shape"], 1, "read_floor")
+            if rf:
+                line += (f" | read floor {rf['median_us']:.1f} (chain {rf['chain_us']:.1f}): at most "
+                         f"{rf['max_speedup_single_vs_cublas']:.2f}x single, "
+                         f"{rf['max_speedup_chain_vs_best_fp16']:.2f}x chain")
             log(line)
     for r in recs:
         if r.get("op") == "decode" and "speedup" in r:

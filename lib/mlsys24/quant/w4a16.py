@@ -55,6 +55,7 @@ import triton.language as tl
 import triton.language.extra.cuda  # noqa: F401  (tl.extra.cuda.gdc_*: programmatic dependent launch)
 
 from mlsys24.kernels import pdl_supported  # (under TRITON_INTERPRET=1 also the interpreter fixes)
+from mlsys24.kernels.stream import l2_prefetch, l2_prefetch_supported
 
 from .pack import dequantize_awq
 
@@ -401,6 +402,10 @@ class GemvConfig:
     pdl: bool = False       # programmatic dependent launch (Hopper+): the launch may start while the previous
     #                         kernel finishes; it reads its (static) weights first and waits for that kernel
     #                         before reading x or touching y and the split-K workspace
+    l2_prefetch: bool = False  # Hopper+, group-major layout: each program first asks the copy engine to bring
+    #                            all its weight tiles (and steps / zeros) into L2, one instruction per group,
+    #                            so its whole share of the weights is in flight from the start (before the
+    #                            PDL wait too); its loads then find them in L2 or on the way
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -541,7 +546,7 @@ def _w4a16_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, part_ptr, cnt_ptr, M,
                        G: tl.constexpr, BLOCK_N: tl.constexpr, UNROLL: tl.constexpr, MB: tl.constexpr,
                        USE_SPLIT: tl.constexpr, HALF2: tl.constexpr, EVEN_K: tl.constexpr, M_FAST: tl.constexpr,
                        EVEN: tl.constexpr = False, PREFETCH: tl.constexpr = False, SPLIT_P2: tl.constexpr = 1,
-                       PDL: tl.constexpr = False):
+                       PDL: tl.constexpr = False, L2PF: tl.constexpr = 0):
     # grid (row tiles, splits, row blocks), or with M_FAST (rows, row tiles, splits): the programs of
     # one weight tile for the M rows then run together and share it through L2
     W: tl.constexpr = G // 8
@@ -570,6 +575,20 @@ def _w4a16_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, part_ptr, cnt_ptr, M,
     if PDL:
         # the next kernel in the stream may launch once every program of this one has started
         tl.extra.cuda.gdc_launch_dependents()
+    if L2PF != 0:
+        # group-major tiles: BLOCK_N consecutive rows of one group are one contiguous block of words
+        # (L2PF 2: the tile's steps and zero points are contiguous and 16-byte aligned too)
+        n0 = pid_n * BLOCK_N
+        rows = tl.minimum(N - n0, BLOCK_N)
+        for g in range(g0, g1):
+            l2_prefetch(qw_ptr + n0 * stride_qn + g * stride_qg, rows * (W * 4))
+            if L2PF == 2:
+                nb_s = (rows * 2) // 16 * 16
+                if nb_s > 0:
+                    l2_prefetch(s_ptr + n0 + g * stride_sg, nb_s)
+                nb_z = rows // 16 * 16
+                if nb_z > 0:
+                    l2_prefetch(z_ptr + n0 + g * stride_zg, nb_z)
     if PREFETCH:
         # software pipeline in registers: the weights of step i + 1 are requested before step i is
         # computed, so every program keeps a step's bytes in flight while it computes (past the
@@ -726,6 +745,19 @@ def w4a16_gemv(x: torch.Tensor, qweight_t: torch.Tensor, scales_t: torch.Tensor,
         cnt = part = y   # unused
     pdl = cfg.pdl and pdl_supported(x.device)
     launch = {"launch_pdl": True} if pdl else {}
+    l2pf = 0
+    if cfg.l2_prefetch:
+        if not l2_prefetch_supported(x.device):
+            raise ValueError("GemvConfig.l2_prefetch needs a CUDA GPU of compute capability >= 9.0")
+        if qweight_t.dim() != 3 or qweight_t.stride(0) != G // 8 or qweight_t.data_ptr() % 16:
+            raise ValueError("GemvConfig.l2_prefetch needs the group-major layout (gemv_repack(..., layout='group'))")
+        if (G // 8) % 4:
+            raise ValueError(f"GemvConfig.l2_prefetch needs group size >= 32 (16-byte rows), got {G}")
+        # steps (2-byte) and zeros (1-byte) of a tile contiguous, every tile's start 16-byte aligned
+        l2pf = 2 if (scales_t.stride(0) == 1 and zeros_t.stride(0) == 1 and scales_t.element_size() == 2
+                     and zeros_t.element_size() == 1 and scales_t.stride(1) % 8 == 0 and zeros_t.stride(1) % 16 == 0
+                     and cfg.block_n % 16 == 0 and scales_t.data_ptr() % 16 == 0
+                     and zeros_t.data_ptr() % 16 == 0) else 1
     _w4a16_gemv_kernel[grid](
         x2, qweight_t, scales_t, zeros_t, y, part, cnt, M, N, K, n_groups, per, split,
         x2.stride(0), y.stride(0), qweight_t.stride(0), stride_qg, scales_t.stride(0), scales_t.stride(1),
@@ -736,7 +768,7 @@ def w4a16_gemv(x: torch.Tensor, qweight_t: torch.Tensor, scales_t: torch.Tensor,
         PREFETCH=cfg.prefetch and cfg.unroll <= 2,
         # one row: a fixed 32-slot fix-up load (masked), so split counts up to 32 share one compiled kernel
         SPLIT_P2=max(32, triton.next_power_of_2(split)) if MB == 1 else triton.next_power_of_2(split),
-        PDL=pdl, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch,
+        PDL=pdl, L2PF=l2pf, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch,
     )
     if bias is not None:
         y = y + bias.to(y.dtype)
