@@ -405,7 +405,8 @@ class GemvConfig:
     l2_prefetch: bool = False  # Hopper+, group-major layout: each program first asks the copy engine to bring
     #                            all its weight tiles (and steps / zeros) into L2, one instruction per group,
     #                            so its whole share of the weights is in flight from the start (before the
-    #                            PDL wait too); its loads then find them in L2 or on the way
+    #                            PDL wait too); its loads then find them in L2 or on the way. An ablation:
+    #                            slower in every measured case (H100 gate/up 17.7 vs 15.4 us single call)
 
     def as_dict(self) -> dict:
         return asdict(self)
