@@ -345,18 +345,17 @@ def _extra_timings(name, L, x, M, N, K, kern, cfg, fn, wb, repeats, gpu, copy_GB
     log(f"  {name} M={M} eager (with launch): cuBLAS {te_ref.median_us:.1f} us, W4A16 {te.median_us:.1f} us")
 
 
-def _read_bounds(name, N, K, M, wb, t_ref, t_kn, t_one, tc_ref, repeats, recs, log):
+def _read_bounds(name, N, K, M, wb, t_ref, t_kn, t_one, tc_ref, repeats, recs, log, dev="cuda"):
     """The read floor (:func:`mlsys24.kernels.stream.read_floor`): the fastest measured kernel that only
     reads as many bytes as the GEMV's weights, timed like every provider here, one call and CHAIN back
     to back (plain, and with PDL waiting before or after the reads); and the same for the fp16 weight
     bytes (how close cuBLAS runs to a pure read of its operand). No W4A16 kernel that reads its packed
     weights from HBM can beat the read floor, so its speedup over an fp16 baseline is at most that
     baseline's time over the floor, in this run."""
-    nb = -(-wb // 4) * 4
-    one = read_floor(nb, "cuda", repeats=repeats)
-    chain = read_floor(nb, "cuda", chain=CHAIN, repeats=repeats,
-                       pdl_modes=("wait_first", "wait_last") if pdl_supported(torch.device("cuda")) else ())
-    fp16 = read_floor(N * K * 2, "cuda", repeats=repeats)
+    one = read_floor(wb, dev, repeats=repeats)
+    chain = read_floor(wb, dev, chain=CHAIN, repeats=repeats, pdl_modes=("wait_first", "wait_last"))
+    fp16 = read_floor(N * K * 2, dev, repeats=repeats)
+    nb = one["nbytes"]   # wb rounded up to whole 64-byte vectors
     by_mode = {}
     for c in chain["candidates"]:
         mode = (c["config"] or {}).get("pdl", "off")
