@@ -829,8 +829,9 @@ print("bound: cuBLAS F.linear time / the packed bytes at the run's measured copy
 # 7B-shaped model **2.1x** (H200) and **2.4x** (H100) faster in tokens/s with W4A16 than with fp16
 # (TinyChat: 2.6-2.7x), against 1.6-1.7x for the module-by-module step in the same runs. The profile
 # explains it: the projections alone run 2.85x faster (H100), and what is left (0.5 ms per token of norms,
-# RoPE, attention) is the same on both sides — the fusions cut it from ~4 ms (the module-by-module step
-# minus its projections) to 0.5 ms, which is what lets the projection speed-up show. cuBLAS fp16 wins from
+# RoPE, attention) is the same on both sides — the fusions cut it from ~2.9 ms (the module-by-module fp16
+# step minus the fused step's fp16 projections, H100) to 0.5 ms, which is what lets the projection
+# speed-up show. cuBLAS fp16 wins from
 # M = 8 on at gate/up and down on the H100 (M = 4 on the H200, and at q/k/v/o on both; crossover printed
 # above); the tensor-core kernel is slower than cuBLAS at every M it was chosen for.
 #
