@@ -573,8 +573,9 @@ if RUN_KERNEL_CHECK:
 # the kernel becomes issue-bound instead of memory-bound. Offline SASS (ptxas for sm_90, main loop of a
 # 64-row tile): the fp32 loop costs ~7.5 instructions per weight, the fp16x2 loop ~2.8, its 4-word
 # variant ~2.2. A second fixed cost is the harness floor: one tiny kernel replayed from a CUDA graph
-# already measures ~4 µs, which bounds single-call speed-ups at 7B shapes: with cuBLAS at t_fp16 and the
-# packed bytes at the copy rate, the best possible single-call ratio is t_fp16 / (floor + bytes / copy rate)
+# already measures 4.6-4.8 µs (the committed runs), which bounds single-call speed-ups at 7B shapes:
+# with cuBLAS at t_fp16 and the packed bytes at the copy rate, the best possible single-call ratio is
+# t_fp16 / (floor + bytes / copy rate)
 # (printed per shape below as "max 1-call"); back-to-back calls in one graph (the decode situation) do
 # not pay the floor per call ("max chained"). The copy rate is a steady-state figure; the bench also
 # measures the **read floor**: the fastest kernel it finds that does nothing but read as many bytes as the
@@ -803,7 +804,8 @@ print("bound: cuBLAS F.linear time / the packed bytes at the run's measured copy
 #
 # Two attempts to close the gap, both measured:
 # - **Split-K fix-up.** The last program of a tile now loads all partial sums in one vector load instead
-#   of one L2 round trip per split: down went from 16.4 to 15.6 µs.
+#   of one L2 round trip per split: down went from 16.4 to 15.6 µs (two earlier H100 runs, before and
+#   after the change).
 # - **L2 bulk prefetch.** Each program first asks Hopper's copy engine to bring its whole share of the
 #   weights into L2 (`GemvConfig.l2_prefetch`, one `cp.async.bulk.prefetch.L2` per tile and group). This
 #   was *slower* every time: 17.7 vs 15.4 µs at gate/up on the H100, 13.5 vs 11.9 µs in the PDL chain.
